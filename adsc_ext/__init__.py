@@ -1,0 +1,1 @@
+from .schedule import LLAVA15_DEFAULT, Schedule, ScheduleError

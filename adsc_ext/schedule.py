@@ -1,0 +1,230 @@
+"""ADSC schedules: which decoder layers downsample the vision tokens, and by how much.
+
+Text form (spec section 2): comma-separated ``layer:factor`` pairs, e.g. ``"8:2,16:2,24:2"``.
+``layer`` is the 0-based decoder layer *before which* the downsampling happens, ``factor`` is 2
+(halve the longer side of the image grid; on a tie, the width) or 4 (halve both sides). The empty
+string is the unmodified model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence, Tuple, Union
+
+__all__ = [
+    "LLAVA15_DEFAULT",
+    "ScheduleError",
+    "Step",
+    "StageInfo",
+    "Schedule",
+    "downsample_grid",
+    "kept_axis_indices",
+]
+
+#: The default schedule for LLaVA-1.5: 576 -> 288 -> 144 -> 72 vision tokens per image.
+LLAVA15_DEFAULT = "8:2,16:2,24:2"
+
+#: Largest number of downsampling steps the compiled core accepts (kMaxStages in adsc/schedule.h).
+MAX_STEPS = 16
+
+Grid = Tuple[int, int]
+
+
+class ScheduleError(ValueError):
+    """A schedule that is malformed or does not fit the model it is applied to."""
+
+
+def _halve(n: int) -> int:
+    return (n + 1) // 2
+
+
+def kept_axis_indices(n: int) -> list[int]:
+    """Indices kept when an axis of length ``n`` is halved (spec section 4).
+
+    For each group ``g`` of two, the later token ``min(2g+1, n-1)``: the odd indices, plus the last
+    index when ``n`` is odd.
+    """
+    if n < 2:
+        raise ScheduleError(f"an axis of length {n} cannot be halved (need length >= 2)")
+    return [min(2 * g + 1, n - 1) for g in range(_halve(n))]
+
+
+def downsample_grid(grid: Grid, factor: int) -> Tuple[Grid, bool, bool]:
+    """Apply one step to an ``(h, w)`` grid; returns ``((h', w'), rows_halved, cols_halved)``."""
+    h, w = grid
+    if factor == 4:
+        rows, cols = True, True
+    elif factor == 2:
+        rows, cols = (h > w), not (h > w)  # tie halves the width
+    else:
+        raise ScheduleError(f"factor must be 2 or 4, got {factor}")
+    if (rows and h < 2) or (cols and w < 2):
+        raise ScheduleError(
+            f"a {h}x{w} grid cannot be downsampled by factor {factor}: "
+            f"it would halve a side of length 1"
+        )
+    return ((_halve(h) if rows else h), (_halve(w) if cols else w)), rows, cols
+
+
+@dataclass(frozen=True)
+class Step:
+    """One downsampling step: before decoder layer ``layer``, by ``factor``."""
+
+    layer: int
+    factor: int
+
+    def __str__(self) -> str:
+        return f"{self.layer}:{self.factor}"
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """One stage of a validated schedule: layers ``[first_layer, end_layer)`` share one layout."""
+
+    index: int
+    first_layer: int
+    end_layer: int
+    grid: Grid
+    tokens_per_image: int
+
+    @property
+    def num_layers(self) -> int:
+        return self.end_layer - self.first_layer
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A parsed ADSC schedule. ``Schedule.parse(text)``; ``str(schedule)`` gives the text back."""
+
+    steps: Tuple[Step, ...] = ()
+
+    def __post_init__(self) -> None:
+        steps = tuple(self.steps)
+        object.__setattr__(self, "steps", steps)
+        if len(steps) > MAX_STEPS:
+            raise ScheduleError(f"at most {MAX_STEPS} steps are supported, got {len(steps)}")
+        prev = 0
+        for i, st in enumerate(steps):
+            if not isinstance(st, Step):
+                raise ScheduleError(f"step {i} must be a Step, got {type(st).__name__}")
+            if isinstance(st.layer, bool) or not isinstance(st.layer, int):
+                raise ScheduleError(f"step {i}: layer must be an int, got {st.layer!r}")
+            if st.layer < 1:
+                raise ScheduleError(
+                    f"step {i} ('{st}'): layer must be >= 1 (downsampling happens before a "
+                    f"layer, and layer 0 sees the full sequence), got {st.layer}"
+                )
+            if st.layer <= prev and i > 0:
+                raise ScheduleError(
+                    f"step {i} ('{st}'): layers must be strictly increasing, got {st.layer} "
+                    f"after {prev}"
+                )
+            if st.factor not in (2, 4):
+                raise ScheduleError(f"step {i} ('{st}'): factor must be 2 or 4, got {st.factor}")
+            prev = st.layer
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def parse(cls, text: str) -> "Schedule":
+        """Parse ``"layer:factor,..."``; the empty string is the empty schedule."""
+        if not isinstance(text, str):
+            raise ScheduleError(f"a schedule string is expected, got {type(text).__name__}")
+        body = text.strip()
+        if body == "":
+            return cls(())
+        steps = []
+        for i, item in enumerate(body.split(",")):
+            item = item.strip()
+            parts = item.split(":")
+            if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+                raise ScheduleError(
+                    f"bad schedule item {i} {item!r} in {text!r}: expected 'layer:factor' with "
+                    f"two non-negative integers, e.g. '8:2,16:2,24:2'"
+                )
+            steps.append(Step(int(parts[0]), int(parts[1])))
+        return cls(tuple(steps))
+
+    @classmethod
+    def coerce(cls, value: Union[None, str, "Schedule", Iterable[Tuple[int, int]]]) -> "Schedule":
+        """Accept a Schedule, its text, None (empty) or ``[(layer, factor), ...]``."""
+        if isinstance(value, Schedule):
+            return value
+        if value is None:
+            return cls(())
+        if isinstance(value, str):
+            return cls.parse(value)
+        try:
+            return cls(tuple(Step(int(layer), int(factor)) for layer, factor in value))
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, ScheduleError):
+                raise
+            raise ScheduleError(
+                f"a schedule must be a string, a Schedule or (layer, factor) pairs; got {value!r}"
+            ) from None
+
+    def __str__(self) -> str:
+        return ",".join(str(s) for s in self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __bool__(self) -> bool:
+        return bool(self.steps)
+
+    @property
+    def layers(self) -> Tuple[int, ...]:
+        return tuple(s.layer for s in self.steps)
+
+    @property
+    def factors(self) -> Tuple[int, ...]:
+        return tuple(s.factor for s in self.steps)
+
+    # ---- model-dependent views ----------------------------------------------------------------
+    def grids(self, grid: Sequence[int]) -> list[Grid]:
+        """The image grid of every stage, stage 0 (the original grid) first."""
+        h, w = _check_grid(grid)
+        out = [(h, w)]
+        for st in self.steps:
+            try:
+                nxt, _, _ = downsample_grid(out[-1], st.factor)
+            except ScheduleError as exc:
+                raise ScheduleError(
+                    f"schedule '{self}' does not fit a {h}x{w} image grid: at step '{st}' {exc}"
+                ) from None
+            out.append(nxt)
+        return out
+
+    def stage_of_layer(self, layer: int) -> int:
+        """The stage (0 = unmodified layout) that decoder layer ``layer`` runs in."""
+        return sum(1 for st in self.steps if st.layer <= layer)
+
+    def validate(self, num_layers: int, grid: Sequence[int] | None = None) -> list[StageInfo]:
+        """Check the schedule against a model; returns one :class:`StageInfo` per stage.
+
+        Raises :class:`ScheduleError` if a layer is ``>= num_layers`` or a grid side would have to
+        be halved below 1.
+        """
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ScheduleError(f"num_layers must be a positive int, got {num_layers!r}")
+        for st in self.steps:
+            if st.layer >= num_layers:
+                raise ScheduleError(
+                    f"schedule '{self}' does not fit a model with {num_layers} decoder layers: "
+                    f"step '{st}' needs 1 <= layer < {num_layers}"
+                )
+        grids = self.grids(grid) if grid is not None else [(0, 0)] * (len(self.steps) + 1)
+        bounds = [0, *self.layers, num_layers]
+        return [
+            StageInfo(i, bounds[i], bounds[i + 1], grids[i], grids[i][0] * grids[i][1])
+            for i in range(len(self.steps) + 1)
+        ]
+
+
+def _check_grid(grid: Sequence[int]) -> Grid:
+    try:
+        h, w = (int(v) for v in grid)
+    except (TypeError, ValueError):
+        raise ScheduleError(f"an image grid must be (height, width), got {grid!r}") from None
+    if h < 1 or w < 1:
+        raise ScheduleError(f"an image grid needs positive sides, got {h}x{w}")
+    return h, w
