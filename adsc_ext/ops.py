@@ -1,0 +1,205 @@
+"""Typed Python entry points of the compiled ops (``torch.ops.adsc.*``), their fake kernels for
+``torch.compile`` and their autograd.
+
+- :func:`stage_plan` re-indexes a batch for every stage of a schedule in one call.
+- :func:`compact_tokens` gathers token rows by a stage index (differentiable).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library that registers torch.ops.adsc)
+from .plan import Plan, StagePlan, normalize_plan_inputs
+from .schedule import Schedule
+
+__all__ = ["stage_plan", "compact_tokens", "cuda_ops_available"]
+
+# Summary layout of adsc/plan.h: a header of 8 int32s, then (tokens, max length) per stage.
+_SUMMARY_HEADER = 8
+
+
+def _summary_size(num_steps: int) -> int:
+    return _SUMMARY_HEADER + 2 * (num_steps + 1)
+
+
+def cuda_ops_available() -> bool:
+    """Whether this build registered CUDA implementations (needs a CUDA torch and nvcc)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("adsc::compact_tokens", "CUDA")
+
+
+def stage_plan(
+    schedule,
+    *,
+    input_ids: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    image_spans: Optional[torch.Tensor] = None,
+    image_token_id: Optional[int] = None,
+    grid: Sequence[int] = (24, 24),
+    padding_side: str = "left",
+) -> Plan:
+    """Plan every stage of ``schedule`` for one batch.
+
+    Layout: ``cu_seqlens [B+1]`` with ``input_ids [T]`` (packed), or ``attention_mask [B, S]`` with
+    ``input_ids [B, S]`` (padded). Images: runs of ``image_token_id`` in ``input_ids`` (each run a
+    whole number of ``grid`` images), or ``image_spans [N, 4]`` rows of (sequence, start position,
+    height, width), sorted by (sequence, start). On CUDA this is one kernel launch and one
+    host-device synchronisation (to learn the stage sizes), whatever the number of stages.
+    """
+    schedule = Schedule.coerce(schedule)
+    inp = normalize_plan_inputs(
+        input_ids=input_ids, cu_seqlens=cu_seqlens, attention_mask=attention_mask,
+        image_spans=image_spans, image_token_id=image_token_id, grid=grid,
+        padding_side=padding_side,
+    )
+    ids = None if inp.image_spans is not None else inp.input_ids
+    token_id = -1 if image_token_id is None else int(image_token_id)
+    gh, gw = (int(v) for v in grid)
+    factors = list(schedule.factors)
+    if inp.layout == "packed":
+        index, source, pos, cu, summary = torch.ops.adsc.stage_plan_packed(
+            ids, inp.cu_seqlens, inp.image_spans, inp.num_tokens, token_id, gh, gw, factors
+        )
+    else:
+        index, source, pos, cu, summary = torch.ops.adsc.stage_plan_padded(
+            ids, inp.attention_mask, inp.image_spans, token_id, gh, gw, factors,
+            padding_side == "left",
+        )
+    sizes = summary.tolist()
+    seq_lens = cu[:, 1:] - cu[:, :-1]
+    B = inp.batch_size
+    layers = (0,) + schedule.layers
+    stages = []
+    for s in range(len(factors) + 1):
+        tokens, longest = sizes[_SUMMARY_HEADER + 2 * s], sizes[_SUMMARY_HEADER + 2 * s + 1]
+        if inp.layout == "packed":
+            shape = (tokens,)
+        else:
+            shape = (B, inp.attention_mask.shape[1] if s == 0 else longest)
+        used = shape[0] * (shape[1] if len(shape) == 2 else 1)
+        stages.append(
+            StagePlan(
+                stage=s,
+                first_layer=layers[s],
+                index=index[s, :used].view(shape),
+                source_index=source[s, :used].view(shape),
+                position_ids=pos[s, :used].view(shape),
+                cu_seqlens=cu[s],
+                seq_lens=seq_lens[s],
+                max_seqlen=longest,
+                num_tokens=tokens,
+            )
+        )
+    return Plan(schedule=schedule, layout=inp.layout, batch_size=B, stages=stages)
+
+
+def compact_tokens(
+    x: torch.Tensor,
+    index: torch.Tensor,
+    out: Optional[torch.Tensor] = None,
+    *,
+    check_index: bool = True,
+) -> torch.Tensor:
+    """Gather token rows: ``out[i] = x_tokens[index[i]]``, zero where ``index[i] == -1``.
+
+    The leading ``index.dim()`` dims of ``x`` are its token dims, taken as one flat row axis (so a
+    padded ``[B, S, D]`` tensor is compacted by a ``[B, S']`` plan index into ``[B, S', D]``). The
+    result has shape ``index.shape + x.shape[index.dim():]``; pass ``out`` to write into a
+    caller-owned buffer (no allocation). Differentiable in ``x``. ``check_index`` validates the
+    index range; on CUDA that costs a synchronisation, so pass False for indices from a plan.
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(index, torch.Tensor):
+        raise TypeError("compact_tokens takes tensors x and index")
+    k = index.dim()
+    if k == 0:
+        raise ValueError("index must have at least one dim (the token rows to gather)")
+    if x.dim() < k:
+        raise ValueError(
+            f"x has {x.dim()} dims but index has {k} token dims: x must be index-shaped token dims "
+            f"followed by feature dims, got x {tuple(x.shape)} and index {tuple(index.shape)}"
+        )
+    if k > 1 and x.shape[: k - 1] != index.shape[: k - 1]:
+        raise ValueError(
+            f"x {tuple(x.shape)} and index {tuple(index.shape)} must agree on the leading dims "
+            f"{tuple(index.shape[: k - 1])} (for a padded layout: the batch)"
+        )
+    tail = tuple(x.shape[k:])
+    rows = x.reshape(-1, *tail) if k > 1 else x
+    flat_index = index.reshape(-1)
+    if out is None:
+        return torch.ops.adsc.compact_tokens(rows, flat_index, check_index).view(*index.shape, *tail)
+    want = (*index.shape, *tail)
+    if tuple(out.shape) != want:
+        raise ValueError(f"out must have shape {want} (index.shape + x.shape[{k}:]), got {tuple(out.shape)}")
+    torch.ops.adsc.compact_tokens_out(rows, flat_index, out.view(-1, *tail), check_index)
+    return out
+
+
+# ---- torch.compile support: fake kernels --------------------------------------------------------
+def _plan_fakes(device, stages: int, num_tokens, batch: int):
+    i32 = dict(dtype=torch.int32, device=device)
+    return (
+        torch.empty((stages, num_tokens), **i32),
+        torch.empty((stages, num_tokens), **i32),
+        torch.empty((stages, num_tokens), dtype=torch.int64, device=device),
+        torch.empty((stages, batch + 1), **i32),
+        torch.empty((_summary_size(stages - 1),), dtype=torch.int32, device="cpu"),
+    )
+
+
+@torch.library.register_fake("adsc::stage_plan_packed")
+def _(input_ids, cu_seqlens, image_spans, num_tokens, image_token_id, grid_h, grid_w, factors):
+    return _plan_fakes(cu_seqlens.device, len(factors) + 1, num_tokens, cu_seqlens.shape[0] - 1)
+
+
+@torch.library.register_fake("adsc::stage_plan_padded")
+def _(input_ids, attention_mask, image_spans, image_token_id, grid_h, grid_w, factors, pad_left):
+    return _plan_fakes(
+        attention_mask.device, len(factors) + 1, attention_mask.numel(), attention_mask.shape[0]
+    )
+
+
+@torch.library.register_fake("adsc::compact_tokens")
+def _(x, index, check_index=True):
+    return x.new_empty((index.shape[0], *x.shape[1:]))
+
+
+@torch.library.register_fake("adsc::compact_tokens_out")
+def _(x, index, out, check_index=True):
+    return None
+
+
+@torch.library.register_fake("adsc::scatter_add_tokens")
+def _(grad, index, num_rows):
+    return grad.new_empty((num_rows, *grad.shape[1:]))
+
+
+# ---- autograd: compaction and its adjoint are each other's backward ----------------------------
+def _compact_setup(ctx, inputs, output):
+    x, index, _ = inputs
+    ctx.save_for_backward(index)
+    ctx.num_rows = x.shape[0]
+
+
+def _compact_backward(ctx, grad):
+    (index,) = ctx.saved_tensors
+    return torch.ops.adsc.scatter_add_tokens(grad, index, ctx.num_rows), None, None
+
+
+def _scatter_setup(ctx, inputs, output):
+    _, index, _ = inputs
+    ctx.save_for_backward(index)
+
+
+def _scatter_backward(ctx, grad):
+    (index,) = ctx.saved_tensors
+    return torch.ops.adsc.compact_tokens(grad, index, False), None, None
+
+
+torch.library.register_autograd("adsc::compact_tokens", _compact_backward, setup_context=_compact_setup)
+torch.library.register_autograd(
+    "adsc::scatter_add_tokens", _scatter_backward, setup_context=_scatter_setup
+)

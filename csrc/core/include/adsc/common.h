@@ -1,0 +1,11 @@
+// adsc/common.h: small helpers shared by host and device code.
+#pragma once
+
+#if defined(__CUDACC__)
+#define ADSC_HD __host__ __device__ __forceinline__
+#else
+#define ADSC_HD inline
+#endif
+
+// cudaStream_t without requiring the CUDA headers in CPU-only consumers.
+typedef struct CUstream_st* adsc_stream_t;

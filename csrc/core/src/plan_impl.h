@@ -1,0 +1,160 @@
+// Per-token pieces of the plan shared by plan_cpu.cpp and plan_cuda.cu (internal header).
+//
+// Both implementations run the same phases:
+//   1. stage-0 ranks (packed: the token itself; padded: exclusive count of real tokens), stage-0
+//      offsets and every token's position id;
+//   2. every token's depth: how many schedule steps it survives (-1: padding; text: all of them),
+//      from runs of image_token_id or from explicit spans;
+//   3. per stage s >= 1, each token's exclusive rank among the tokens alive at s;
+//   4. stage offsets and longest sequences;
+//   5. the writes: for each stage a token is alive in, its slot, its previous slot and position.
+#pragma once
+
+#include <cstdint>
+
+#include "adsc/plan.h"
+
+namespace adsc {
+namespace detail {
+
+struct PlanWorkspace {
+  int32_t* pos;    // [T] position id within the sequence (-1: padding)
+  int32_t* depth;  // [T] steps survived (-1: padding)
+  int32_t* rank;   // [(num_steps+1) * T] exclusive rank among the tokens alive at each stage
+};
+
+ADSC_HD PlanWorkspace plan_workspace(const PlanParams& p) {
+  const int64_t T = p.num_tokens;
+  return PlanWorkspace{p.workspace, p.workspace + T, p.workspace + 2 * T};
+}
+
+ADSC_HD bool token_is_real(const PlanParams& p, int64_t t) {
+  if (p.layout == Layout::kPacked) return true;
+  switch (p.mask_type) {
+    case MaskType::kUInt8: return static_cast<const uint8_t*>(p.mask)[t] != 0;
+    case MaskType::kInt32: return static_cast<const int32_t*>(p.mask)[t] != 0;
+    default: return static_cast<const int64_t*>(p.mask)[t] != 0;
+  }
+}
+
+// The sequence (row) of token t. Packed: binary search of cu_seqlens (the last b with cu[b] <= t,
+// skipping empty sequences).
+ADSC_HD int64_t row_of(const PlanParams& p, int64_t t) {
+  if (p.layout == Layout::kPadded) return t / p.padded_len;
+  int64_t lo = 0, hi = p.batch_size;  // invariant: cu[lo] <= t < cu[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (p.cu_seqlens[mid] <= t) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+// First and one-past-last input row of sequence b.
+ADSC_HD int64_t row_begin(const PlanParams& p, int64_t b) {
+  return p.layout == Layout::kPacked ? p.cu_seqlens[b] : b * p.padded_len;
+}
+ADSC_HD int64_t row_end(const PlanParams& p, int64_t b) {
+  return p.layout == Layout::kPacked ? p.cu_seqlens[b + 1] : (b + 1) * p.padded_len;
+}
+
+ADSC_HD bool is_image_token(const PlanParams& p, int64_t t) {
+  return token_is_real(p, t) && p.input_ids[t] == p.image_token_id;
+}
+
+// Depth of a real token at position `pos` of sequence b when images come from spans: binary search
+// for the last span starting at or before (b, pos).
+ADSC_HD int32_t span_depth(const PlanParams& p, int64_t b, int64_t pos) {
+  int64_t lo = -1, hi = p.num_spans;  // spans[lo] <= (b, pos) < spans[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    const int64_t* s = p.spans + 4 * mid;
+    if (s[0] < b || (s[0] == b && s[1] <= pos)) lo = mid; else hi = mid;
+  }
+  if (lo >= 0) {
+    const int64_t* s = p.spans + 4 * lo;
+    const int64_t h = s[2], w = s[3];
+    if (s[0] == b && pos < s[1] + h * w)
+      return survived_steps(static_cast<int>(pos - s[1]), static_cast<int>(h),
+                            static_cast<int>(w), p.factors, p.num_steps);
+  }
+  return p.num_steps;
+}
+
+// Checks span i against its sequence and its predecessor; returns a PlanError and its details.
+ADSC_HD int32_t check_span(const PlanParams& p, int64_t i, const int32_t* cu0, int64_t* d) {
+  const int64_t* s = p.spans + 4 * i;
+  const int64_t b = s[0], start = s[1], h = s[2], w = s[3];
+  const int64_t len = (b >= 0 && b < p.batch_size) ? cu0[b + 1] - cu0[b] : -1;
+  d[0] = i; d[1] = b; d[2] = start; d[3] = h; d[4] = w; d[5] = len;
+  if (len < 0 || start < 0 || h < 1 || w < 1 || h > (1 << 20) || w > (1 << 20) ||
+      start + h * w > len)
+    return kPlanSpanOutOfRange;
+  if (i > 0) {
+    const int64_t* q = p.spans + 4 * (i - 1);
+    const int64_t prev_end = q[1] + q[2] * q[3];
+    if (q[0] > b || (q[0] == b && prev_end > start)) {
+      d[3] = q[0]; d[4] = prev_end;
+      return kPlanSpanOrder;
+    }
+  }
+  if (!grid_fits(static_cast<int>(h), static_cast<int>(w), p.factors, p.num_steps)) {
+    d[1] = h; d[2] = w;
+    return kPlanSpanGrid;
+  }
+  return kPlanOk;
+}
+
+// Width of stage s: padded stage 0 is the input; later padded stages are as wide as their
+// longest sequence.
+ADSC_HD int64_t stage_width(const PlanParams& p, int s, int32_t max_len) {
+  return s == 0 ? p.padded_len : max_len;
+}
+
+// The slot of real token t (sequence b) in stage s's layout.
+ADSC_HD int64_t stage_slot(const PlanParams& p, const PlanWorkspace& ws, int s, int64_t t,
+                           int64_t b, const int32_t* cu_s, int64_t width) {
+  const int32_t rank = ws.rank[s * p.num_tokens + t];
+  if (p.layout == Layout::kPacked) return rank;
+  if (s == 0) return t;
+  const int32_t len = cu_s[b + 1] - cu_s[b];
+  return b * width + (p.pad_left ? width - len : 0) + (rank - cu_s[b]);
+}
+
+// Writes the slots of real token t for stages 0..depth.
+ADSC_HD void write_token(const PlanParams& p, const PlanWorkspace& ws, int64_t t,
+                         const int32_t* max_lens) {
+  const int32_t depth = ws.depth[t];
+  const int64_t T = p.num_tokens, B = p.batch_size;
+  const int64_t b = row_of(p, t);
+  int64_t prev = t;
+  for (int s = 0; s <= depth; ++s) {
+    const int32_t* cu_s = p.cu_seqlens_out + s * (B + 1);
+    const int64_t slot = stage_slot(p, ws, s, t, b, cu_s, stage_width(p, s, max_lens[s]));
+    p.index[s * T + slot] = static_cast<int32_t>(s == 0 ? t : prev);
+    p.source_index[s * T + slot] = static_cast<int32_t>(t);
+    p.position_ids[s * T + slot] = ws.pos[t];
+    prev = slot;
+  }
+}
+
+// Padded layout: marks slot j of stage s as padding when it is one.
+ADSC_HD void write_padding_slot(const PlanParams& p, int s, int64_t j, int64_t width) {
+  const int64_t T = p.num_tokens;
+  bool pad;
+  if (s == 0) {
+    pad = !token_is_real(p, j);
+  } else {
+    const int32_t* cu_s = p.cu_seqlens_out + s * (p.batch_size + 1);
+    const int64_t b = j / width, c = j % width;
+    const int64_t len = cu_s[b + 1] - cu_s[b];
+    pad = p.pad_left ? c < width - len : c >= len;
+  }
+  if (pad) {
+    p.index[s * T + j] = -1;
+    p.source_index[s * T + j] = -1;
+    p.position_ids[s * T + j] = 1;
+  }
+}
+
+}  // namespace detail
+}  // namespace adsc

@@ -1,0 +1,283 @@
+#include "ops.h"
+
+#include <ATen/MemoryOverlap.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+
+namespace adsc_torch {
+namespace {
+
+// Raises the Python exception that fits a core status, with the core's message.
+void throw_on_error(adsc::Status status) {
+  switch (status) {
+    case adsc::Status::kOk: return;
+    case adsc::Status::kIndexOutOfRange: TORCH_CHECK_INDEX(false, adsc::last_error());
+    case adsc::Status::kInvalidArgument:
+    case adsc::Status::kInvalidInput: TORCH_CHECK_VALUE(false, adsc::last_error());
+    default: TORCH_CHECK(false, "adsc: ", adsc::status_name(status), ": ", adsc::last_error());
+  }
+}
+
+void check_device(const char* name, const at::Tensor& t, const at::Device& device) {
+  TORCH_CHECK_VALUE(t.device() == device, name, " must be on ", device, " like the other inputs, got ",
+                    t.device());
+}
+
+at::Tensor as_int64(const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, name,
+                   " must be an int64 (or int32) tensor, got ", t.scalar_type());
+  return t.to(at::kLong).contiguous();
+}
+
+void fill_schedule(adsc::PlanParams& p, at::IntArrayRef factors) {
+  TORCH_CHECK_VALUE(static_cast<int64_t>(factors.size()) <= adsc::kMaxSteps, "a schedule has at most ",
+                    adsc::kMaxSteps, " steps, got ", factors.size());
+  p.num_steps = static_cast<int32_t>(factors.size());
+  for (size_t i = 0; i < factors.size(); ++i) {
+    TORCH_CHECK_VALUE(factors[i] == 2 || factors[i] == 4, "schedule step ", i,
+                      ": factor must be 2 or 4, got ", factors[i]);
+    p.factors[i] = static_cast<int32_t>(factors[i]);
+  }
+}
+
+void fill_images(adsc::PlanParams& p, const c10::optional<at::Tensor>& input_ids,
+                 const c10::optional<at::Tensor>& image_spans, int64_t image_token_id,
+                 int64_t grid_h, int64_t grid_w, at::Tensor* ids_keep, at::Tensor* spans_keep) {
+  TORCH_CHECK_VALUE(input_ids.has_value() != image_spans.has_value(),
+                    "give exactly one of input_ids (images are runs of image_token_id) and "
+                    "image_spans");
+  if (input_ids.has_value()) {
+    TORCH_CHECK_VALUE(grid_h >= 1 && grid_w >= 1 && grid_h <= (1 << 15) && grid_w <= (1 << 15),
+                      "grid must have positive sides, got ", grid_h, "x", grid_w);
+    *ids_keep = as_int64("input_ids", *input_ids);
+    p.input_ids = ids_keep->data_ptr<int64_t>();
+    p.image_token_id = image_token_id;
+    p.grid_h = static_cast<int32_t>(grid_h);
+    p.grid_w = static_cast<int32_t>(grid_w);
+  } else {
+    *spans_keep = as_int64("image_spans", *image_spans);
+    TORCH_CHECK_VALUE(spans_keep->dim() == 2 && spans_keep->size(1) == 4,
+                      "image_spans must be [N, 4] rows of (sequence, start, height, width), got ",
+                      spans_keep->sizes());
+    p.spans = spans_keep->data_ptr<int64_t>();
+    p.num_spans = spans_keep->size(0);
+  }
+}
+
+PlanTensors run_plan(const Backend& backend, adsc::PlanParams& p, const at::Device& device) {
+  const int64_t stages = p.num_steps + 1, T = p.num_tokens;
+  const auto i32 = at::TensorOptions().dtype(at::kInt).device(device);
+  at::Tensor workspace = at::empty({adsc::plan_workspace_size(T, p.num_steps)}, i32);
+  at::Tensor index = at::empty({stages, T}, i32);
+  at::Tensor source = at::empty({stages, T}, i32);
+  at::Tensor pos = at::empty({stages, T}, i32.dtype(at::kLong));
+  at::Tensor cu = at::empty({stages, p.batch_size + 1}, i32);
+  at::Tensor summary = at::empty({adsc::plan_summary_size(p.num_steps)}, i32);
+  p.workspace = workspace.data_ptr<int32_t>();
+  p.index = index.data_ptr<int32_t>();
+  p.source_index = source.data_ptr<int32_t>();
+  p.position_ids = pos.data_ptr<int64_t>();
+  p.cu_seqlens_out = cu.data_ptr<int32_t>();
+  p.summary = summary.data_ptr<int32_t>();
+  throw_on_error(backend.plan(p, backend.current_stream(device)));
+  // The one host-device synchronisation of a plan: sizes and data errors.
+  at::Tensor host_summary = summary.cpu();
+  throw_on_error(adsc::plan_summary_status(host_summary.data_ptr<int32_t>(), p));
+  return {index, source, pos, cu, host_summary};
+}
+
+// Row view of a tensor whose dims after the first are contiguous: (row_bytes, row_stride_bytes).
+bool row_layout(const at::Tensor& t, int64_t* row_bytes, int64_t* row_stride) {
+  int64_t expected = 1;
+  for (int64_t d = t.dim() - 1; d >= 1; --d) {
+    if (t.size(d) != 1 && t.stride(d) != expected) return false;
+    expected *= t.size(d);
+  }
+  *row_bytes = expected * static_cast<int64_t>(t.element_size());
+  *row_stride = t.stride(0) * static_cast<int64_t>(t.element_size());
+  return true;
+}
+
+void check_index(const at::Tensor& index, const at::Device& device) {
+  TORCH_CHECK_TYPE(index.scalar_type() == at::kInt || index.scalar_type() == at::kLong,
+                   "index must be int32 or int64, got ", index.scalar_type());
+  TORCH_CHECK_VALUE(index.dim() == 1, "index must be 1-D [rows], got shape ", index.sizes());
+  check_device("index", index, device);
+}
+
+adsc::DType core_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return adsc::DType::kFloat32;
+    case at::kHalf: return adsc::DType::kFloat16;
+    case at::kBFloat16: return adsc::DType::kBFloat16;
+    case at::kDouble: return adsc::DType::kFloat64;
+    default: TORCH_CHECK_TYPE(false, "scatter_add_tokens supports float32, float16, bfloat16 and "
+                              "float64 gradients, got ", t);
+  }
+}
+
+}  // namespace
+
+PlanTensors stage_plan_packed(const Backend& backend, const c10::optional<at::Tensor>& input_ids,
+                              const at::Tensor& cu_seqlens,
+                              const c10::optional<at::Tensor>& image_spans, int64_t num_tokens,
+                              int64_t image_token_id, int64_t grid_h, int64_t grid_w,
+                              at::IntArrayRef factors) {
+  const at::Device device = cu_seqlens.device();
+  TORCH_CHECK_TYPE(cu_seqlens.scalar_type() == at::kInt || cu_seqlens.scalar_type() == at::kLong,
+                   "cu_seqlens must be int32 or int64, got ", cu_seqlens.scalar_type());
+  TORCH_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1,
+                    "cu_seqlens must be [B+1] with B >= 0, got shape ", cu_seqlens.sizes());
+  if (input_ids.has_value()) {
+    check_device("input_ids", *input_ids, device);
+    TORCH_CHECK_VALUE(input_ids->dim() == 1 && input_ids->numel() == num_tokens,
+                      "the packed layout needs input_ids of shape [", num_tokens, "], got ",
+                      input_ids->sizes());
+  }
+  if (image_spans.has_value()) check_device("image_spans", *image_spans, device);
+  at::Tensor cu = cu_seqlens.to(at::kInt).contiguous(), ids, spans;
+  adsc::PlanParams p;
+  p.layout = adsc::Layout::kPacked;
+  p.num_tokens = num_tokens;
+  p.batch_size = cu.numel() - 1;
+  p.cu_seqlens = cu.data_ptr<int32_t>();
+  fill_schedule(p, factors);
+  fill_images(p, input_ids, image_spans, image_token_id, grid_h, grid_w, &ids, &spans);
+  return run_plan(backend, p, device);
+}
+
+PlanTensors stage_plan_padded(const Backend& backend, const c10::optional<at::Tensor>& input_ids,
+                              const at::Tensor& attention_mask,
+                              const c10::optional<at::Tensor>& image_spans,
+                              int64_t image_token_id, int64_t grid_h, int64_t grid_w,
+                              at::IntArrayRef factors, bool pad_left) {
+  const at::Device device = attention_mask.device();
+  TORCH_CHECK_VALUE(attention_mask.dim() == 2, "attention_mask must be [B, S], got shape ",
+                    attention_mask.sizes());
+  TORCH_CHECK_TYPE(!at::isFloatingType(attention_mask.scalar_type()) &&
+                   !at::isComplexType(attention_mask.scalar_type()),
+                   "attention_mask must be bool or integer, got ", attention_mask.scalar_type());
+  if (input_ids.has_value()) {
+    check_device("input_ids", *input_ids, device);
+    TORCH_CHECK_VALUE(input_ids->sizes() == attention_mask.sizes(), "input_ids ",
+                      input_ids->sizes(), " and attention_mask ", attention_mask.sizes(),
+                      " must have the same shape");
+  }
+  if (image_spans.has_value()) check_device("image_spans", *image_spans, device);
+  at::Tensor mask = attention_mask;
+  adsc::PlanParams p;
+  switch (mask.scalar_type()) {
+    case at::kBool: case at::kByte: p.mask_type = adsc::MaskType::kUInt8; break;
+    case at::kInt: p.mask_type = adsc::MaskType::kInt32; break;
+    case at::kLong: p.mask_type = adsc::MaskType::kInt64; break;
+    default: mask = mask.ne(0); p.mask_type = adsc::MaskType::kUInt8; break;
+  }
+  mask = mask.contiguous();
+  at::Tensor ids, spans;
+  p.layout = adsc::Layout::kPadded;
+  p.batch_size = mask.size(0);
+  p.padded_len = mask.size(1);
+  p.num_tokens = mask.numel();
+  p.mask = mask.data_ptr();
+  p.pad_left = pad_left;
+  fill_schedule(p, factors);
+  fill_images(p, input_ids, image_spans, image_token_id, grid_h, grid_w, &ids, &spans);
+  return run_plan(backend, p, device);
+}
+
+void compact_tokens_out(const Backend& backend, const at::Tensor& x_in, const at::Tensor& index_in,
+                        at::Tensor& out, bool check_index_range) {
+  const at::Device device = x_in.device();
+  TORCH_CHECK_VALUE(x_in.dim() >= 1, "x must have a token dim: shape [rows, ...], got a scalar");
+  check_index(index_in, device);
+  check_device("out", out, device);
+  TORCH_CHECK_TYPE(out.scalar_type() == x_in.scalar_type(), "out must have x's dtype ",
+                   x_in.scalar_type(), ", got ", out.scalar_type());
+  std::vector<int64_t> want(x_in.sizes().begin(), x_in.sizes().end());
+  want[0] = index_in.size(0);
+  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(want), "out must have shape ",
+                    at::IntArrayRef(want), " ([index rows] + x.shape[1:]), got ", out.sizes());
+  int64_t out_row_bytes = 0, out_stride = 0, row_bytes = 0, src_stride = 0;
+  TORCH_CHECK_VALUE(row_layout(out, &out_row_bytes, &out_stride),
+                    "out must be contiguous in its dims after the first, got strides ", out.strides());
+  at::assert_no_overlap(out, x_in);
+  at::Tensor x = x_in;
+  if (!row_layout(x, &row_bytes, &src_stride)) {  // rows must be contiguous for the core
+    x = x.contiguous();
+    row_layout(x, &row_bytes, &src_stride);
+  }
+  const at::Tensor index = index_in.contiguous();
+  adsc::GatherRowsParams p;
+  p.src = x.data_ptr();
+  p.src_rows = x.size(0);
+  p.src_row_stride = src_stride;
+  p.dst = out.data_ptr();
+  p.dst_rows = out.size(0);
+  p.dst_row_stride = out_stride;
+  p.row_bytes = row_bytes;
+  p.index = index.data_ptr();
+  p.index_is_int64 = index.scalar_type() == at::kLong;
+  if (check_index_range && device.type() != at::kCPU && index.numel() > 0) {
+    // The CPU core checks as it goes; on a GPU that costs one synchronisation, so callers whose
+    // indices come from a plan pass check_index=false.
+    const auto [lo, hi] = at::aminmax(index);
+    const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+    TORCH_CHECK_INDEX(lo_v >= -1 && hi_v < p.src_rows, "compact: index values must be -1 "
+                      "(padding) or in [0, ", p.src_rows, "), got values in [", lo_v, ", ", hi_v, "]");
+  }
+  throw_on_error(backend.gather_rows(p, nullptr, backend.current_stream(device)));
+}
+
+at::Tensor compact_tokens(const Backend& backend, const at::Tensor& x, const at::Tensor& index,
+                          bool check_index_range) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, "x must have a token dim: shape [rows, ...], got a scalar");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape[0] = index.dim() == 1 ? index.size(0) : 0;
+  at::Tensor out = at::empty(shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+  compact_tokens_out(backend, x, index, out, check_index_range);
+  return out;
+}
+
+at::Tensor scatter_add_tokens(const Backend& backend, const at::Tensor& grad_in,
+                              const at::Tensor& index_in, int64_t num_rows) {
+  const at::Device device = grad_in.device();
+  TORCH_CHECK_VALUE(grad_in.dim() >= 1, "grad must be [rows, ...], got a scalar");
+  check_index(index_in, device);
+  TORCH_CHECK_VALUE(index_in.size(0) == grad_in.size(0), "index has ", index_in.size(0),
+                    " rows but grad has ", grad_in.size(0));
+  TORCH_CHECK_VALUE(num_rows >= 0, "num_rows must be >= 0, got ", num_rows);
+  const adsc::DType dtype = core_dtype(grad_in.scalar_type());
+  const at::Tensor grad = grad_in.contiguous(), index = index_in.contiguous();
+  std::vector<int64_t> shape(grad.sizes().begin(), grad.sizes().end());
+  shape[0] = num_rows;
+  at::Tensor out = at::zeros(shape, grad.options());
+  const int64_t row_elems = grad.dim() == 1 ? 1 : grad[0].numel();
+  adsc::ScatterAddRowsParams p;
+  p.src = grad.data_ptr();
+  p.src_rows = grad.size(0);
+  p.src_row_stride = row_elems;
+  p.dst = out.data_ptr();
+  p.dst_rows = num_rows;
+  p.dst_row_stride = row_elems;
+  p.row_elems = row_elems;
+  p.dtype = dtype;
+  p.index = index.data_ptr();
+  p.index_is_int64 = index.scalar_type() == at::kLong;
+  throw_on_error(backend.scatter_add_rows(p, nullptr, backend.current_stream(device)));
+  return out;
+}
+
+const Backend& cpu_backend() {
+  static const Backend backend{
+      [](const adsc::PlanParams& p, adsc_stream_t) { return adsc::plan_cpu(p); },
+      [](const adsc::GatherRowsParams& p, int32_t*, adsc_stream_t) { return adsc::gather_rows_cpu(p); },
+      [](const adsc::ScatterAddRowsParams& p, int32_t*, adsc_stream_t) {
+        return adsc::scatter_add_rows_cpu(p);
+      },
+      [](const at::Device&) { return static_cast<adsc_stream_t>(nullptr); },
+  };
+  return backend;
+}
+
+}  // namespace adsc_torch
