@@ -1,0 +1,170 @@
+"""The ``adsc`` command line (console script ``adsc = adsc_ext.cli:main``).
+
+- ``adsc plan``: per-stage token counts, decoder FLOPs and KV-cache bytes of one prefill, baseline
+  against ADSC (spec section 7). Needs neither torch kernels nor the compiled extension.
+- ``adsc generate``: provided by :mod:`adsc_ext.hf.generate_cli`, imported only when it runs, so
+  ``adsc plan`` keeps working (and stays fast) without it.
+
+Every error is one line ``adsc: error: ...`` on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Optional, Sequence
+
+from adsc_ext.accounting import PRESETS, load_model_spec, plan_report
+from adsc_ext.schedule import LLAVA15_DEFAULT, Schedule, ScheduleError
+
+__all__ = ["main", "format_report"]
+
+_USAGE_ERROR = 2
+
+
+class CliError(Exception):
+    """A usage error, reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing the usage block, so errors stay one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CliError(message)
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(prog="adsc", description="ADSC (Attention-Driven Self-Compression) tools.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{plan,generate}")
+
+    plan = commands.add_parser(
+        "plan",
+        help="decoder FLOPs and KV-cache bytes of one prefill, baseline vs ADSC",
+        description="Per-stage token counts, decoder FLOPs and KV-cache bytes of one prefill, "
+        "for the unmodified model (baseline) and with the ADSC schedule.",
+    )
+    plan.add_argument(
+        "--model", default="llava-1.5-7b",
+        help=f"a preset ({', '.join(PRESETS)}) or a LLaVA config.json (or its directory); "
+        "default: %(default)s",
+    )
+    plan.add_argument(
+        "--schedule", default=LLAVA15_DEFAULT,
+        help="'layer:factor,...' ('' = unmodified model); default: %(default)s",
+    )
+    plan.add_argument("--text-tokens", type=int, default=64, help="default: %(default)s")
+    plan.add_argument("--images", type=int, default=1, help="default: %(default)s")
+    plan.add_argument(
+        "--dtype-bytes", type=int, default=2, help="bytes per KV-cache value; default: %(default)s"
+    )
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+
+    # No help of its own: every argument, --help included, goes to the generate parser.
+    commands.add_parser("generate", add_help=False, help="generate text with ADSC (see its --help)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``adsc`` command line; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args, rest = _build_parser().parse_known_args(argv)
+        if args.command == "generate":
+            return _generate(rest)
+        if rest:
+            raise CliError(f"unrecognized arguments: {' '.join(rest)}")
+        return _plan(args)
+    except (CliError, ValueError, OSError) as exc:
+        print(f"adsc: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
+        return _USAGE_ERROR
+
+
+def _plan(args: argparse.Namespace) -> int:
+    try:
+        schedule = Schedule.parse(args.schedule)
+    except ScheduleError as exc:
+        raise CliError(f"bad --schedule {args.schedule!r}: {exc}") from None
+    report = plan_report(
+        load_model_spec(args.model), schedule, args.text_tokens, args.images, args.dtype_bytes
+    )
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _generate(argv: list[str]) -> int:
+    try:
+        from adsc_ext.hf import generate_cli
+    except ImportError as exc:
+        raise CliError(f"'adsc generate' is unavailable: {exc}") from None
+    parser = _Parser(prog="adsc generate", description="Generate text with an ADSC model.")
+    generate_cli.add_arguments(parser)
+    return generate_cli.run(parser.parse_args(argv))
+
+
+def _format_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _tflops(flops: int) -> str:
+    return f"{flops / 1e12:.3f}"
+
+
+def _aligned(rows: list[list[str]], left: int = 1) -> list[str]:
+    """Columns padded to a common width: the first ``left`` left-aligned, the rest right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(
+            cell.ljust(w) if i < left else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths))
+        ).rstrip()
+        for row in rows
+    ]
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The readable form of :func:`adsc_ext.accounting.plan_report`'s result."""
+    grid = "x".join(map(str, report["stages"][0]["grid"]))
+    images = report["images"]
+    title = (
+        f"{report['model']}: {report['text_tokens']} text tokens + {images} "
+        f"image{'' if images == 1 else 's'} ({grid} vision tokens each), "
+        f"schedule '{report['schedule']}'"
+        f"{'' if report['schedule'] else ' (unmodified model)'}, "
+        f"KV cache at {report['dtype_bytes']} bytes per value"
+    )
+    stage_rows = [["stage", "layers", "grid", "vision/image", "tokens", "TFLOPs", "KV cache"]]
+    for s in report["stages"]:
+        first, last = s["first_layer"], s["last_layer"]
+        stage_rows.append([
+            str(s["stage"]),
+            f"{first}-{last}" if last != first else str(first),
+            "x".join(map(str, s["grid"])),
+            str(s["vision_tokens_per_image"]),
+            str(s["tokens"]),
+            _tflops(s["flops"]),
+            _format_bytes(s["kv_bytes"]),
+        ])
+    total_rows = [
+        ["total", "baseline", "ADSC", "reduction"],
+        ["TFLOPs", _tflops(report["baseline_flops"]), _tflops(report["adsc_flops"]),
+         f"{report['flops_reduction_pct']:.1f} %"],
+        ["KV cache", _format_bytes(report["baseline_kv_bytes"]),
+         _format_bytes(report["adsc_kv_bytes"]), f"{report['kv_reduction_pct']:.1f} %"],
+    ]
+    return "\n".join([
+        title,
+        "",
+        *_aligned(stage_rows, left=3),
+        "",
+        *_aligned(total_rows),
+        "",
+        f"ideal prefill speed-up (FLOPs ratio): {report['ideal_speedup']:.2f}x",
+    ])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""Tests of the ``adsc`` command line (adsc_ext.cli)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from adsc_ext.cli import main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, out: str, err: str) -> None:
+    assert code == 2
+    assert out == ""
+    assert err.startswith("adsc: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+
+
+def test_plan_table_default(capsys):
+    code, out, err = run(capsys, "plan")
+    assert (code, err) == (0, "")
+    for row in (
+        r"0\s+0-7\s+24x24\s+576\s+640\s+2\.126\s+80\.00 MiB",
+        r"1\s+8-15\s+24x12\s+288\s+352\s+1\.156\s+44\.00 MiB",
+        r"2\s+16-23\s+12x12\s+144\s+208\s+0\.679\s+26\.00 MiB",
+        r"3\s+24-31\s+12x6\s+72\s+136\s+0\.443\s+17\.00 MiB",
+        r"TFLOPs\s+8\.504\s+4\.404\s+48\.2 %",
+        r"KV cache\s+320\.00 MiB\s+167\.00 MiB\s+47\.8 %",
+    ):
+        assert re.search(f"^{row}$", out, re.M), row
+    assert "ideal prefill speed-up (FLOPs ratio): 1.93x" in out
+    assert "llava-1.5-7b" in out and "'8:2,16:2,24:2'" in out
+
+
+def test_plan_table_columns_are_aligned(capsys):
+    _, out, _ = run(capsys, "plan", "--images", "2", "--text-tokens", "7")
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("stage"))
+    table = lines[header:header + 5]
+    tokens_end = table[0].index("tokens") + len("tokens")
+    assert [row[:tokens_end].split()[-1] for row in table[1:]] == ["1159", "583", "295", "151"]
+    assert len({len(row) for row in table}) == 1  # the right-aligned last column ends together
+
+
+def test_plan_json_default(capsys):
+    code, out, err = run(capsys, "plan", "--json")
+    assert (code, err) == (0, "")
+    r = json.loads(out)
+    assert r["baseline_flops"] == 8_504_035_246_080
+    assert r["adsc_flops"] == 4_403_994_034_176
+    assert r["baseline_kv_bytes"] == 320 * 2**20
+    assert r["adsc_kv_bytes"] == 167 * 2**20
+    assert len(r["layers"]) == 32
+    assert r["layers"][7] == {"layer": 7, "tokens": 640}
+    assert r["layers"][8] == {"layer": 8, "tokens": 352}
+    assert f"{r['ideal_speedup']:.2f}" == "1.93"
+
+
+def test_plan_json_spec_row_zero_text_tokens(capsys):
+    _, out, _ = run(capsys, "plan", "--json", "--text-tokens", "0")
+    r = json.loads(out)
+    assert f"{r['baseline_flops'] / 1e12:.3f}" == "7.634"
+    assert f"{r['adsc_flops'] / 1e12:.3f}" == "3.555"
+    assert (f"{r['flops_reduction_pct']:.1f}", f"{r['kv_reduction_pct']:.1f}") == ("53.4", "53.1")
+
+
+def test_plan_empty_schedule(capsys):
+    code, out, _ = run(capsys, "plan", "--json", "--schedule", "")
+    r = json.loads(out)
+    assert code == 0 and r["schedule"] == ""
+    assert (r["adsc_flops"], r["adsc_kv_bytes"]) == (r["baseline_flops"], r["baseline_kv_bytes"])
+    _, table, _ = run(capsys, "plan", "--schedule", "")
+    assert "(unmodified model)" in table and re.search(r"^TFLOPs.*0\.0 %$", table, re.M)
+
+
+def test_plan_13b_and_config_path(capsys, tmp_path):
+    _, out, _ = run(capsys, "plan", "--json", "--model", "llava-1.5-13b")
+    assert len(json.loads(out)["layers"]) == 40
+    config = {
+        "text_config": {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 6,
+                        "num_attention_heads": 4, "num_key_value_heads": 2},
+        "vision_config": {"image_size": 56, "patch_size": 14},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code, out, _ = run(capsys, "plan", "--json", "--model", str(tmp_path), "--schedule", "2:2,4:4",
+                       "--text-tokens", "9", "--images", "2")
+    r = json.loads(out)
+    assert code == 0 and r["model"] == str(tmp_path / "config.json")
+    assert [row["tokens"] for row in r["layers"]] == [41, 41, 25, 25, 13, 13]
+    code, out, _ = run(capsys, "plan", "--model", str(tmp_path), "--schedule", "2:2,4:4")
+    assert code == 0 and "KiB" in out  # small caches are printed in a readable unit too
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["plan", "--schedule", "8:3"], "factor must be 2 or 4"),
+        (["plan", "--schedule", "8"], "--schedule"),
+        (["plan", "--schedule", "8:2,16:2,40:2"], "32 decoder layers"),
+        (["plan", "--model", "llava-2-70b"], "not a preset"),
+        (["plan", "--model", "/nonexistent/adsc/config.json"], "no config.json"),
+        (["plan", "--text-tokens", "-5"], "text_tokens"),
+        (["plan", "--text-tokens", "many"], "invalid int"),
+        (["plan", "--images", "-1"], "images"),
+        (["plan", "--dtype-bytes", "0"], "dtype_bytes"),
+        (["plan", "--text-tokens", "0", "--images", "0"], "empty"),
+        (["plan", "--bogus"], "unrecognized arguments: --bogus"),
+        (["frobnicate"], "invalid choice"),
+        ([], "required"),
+    ],
+)
+def test_bad_arguments_give_one_line_errors(capsys, argv, needle):
+    code, out, err = run(capsys, *argv)
+    assert_one_line_error(code, out, err)
+    assert needle in err
+
+
+def test_bad_config_file_gives_one_line_error(capsys, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("{\n  broken")
+    code, out, err = run(capsys, "plan", "--model", str(path))
+    assert_one_line_error(code, out, err)
+    assert "not valid JSON" in err
+
+
+def test_generate_without_its_module_is_a_one_line_error(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "adsc_ext.hf", None)  # makes the import fail
+    code, out, err = run(capsys, "generate", "--prompt", "hi")
+    assert_one_line_error(code, out, err)
+    assert "'adsc generate' is unavailable" in err
+
+
+def test_generate_dispatches_to_its_module(capsys, monkeypatch):
+    seen = []
+    generate_cli = types.SimpleNamespace(
+        add_arguments=lambda parser: parser.add_argument("--prompt", required=True),
+        run=lambda args: seen.append(args.prompt) or 0,
+    )
+    fake_hf = types.SimpleNamespace(generate_cli=generate_cli)
+    monkeypatch.setitem(sys.modules, "adsc_ext.hf", fake_hf)
+    assert run(capsys, "generate", "--prompt", "hi")[0] == 0
+    assert seen == ["hi"]
+    code, out, err = run(capsys, "generate", "--bogus")
+    assert_one_line_error(code, out, err)
+
+
+def _adsc(*argv: str) -> subprocess.CompletedProcess:
+    path = [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    return subprocess.run([sys.executable, "-m", "adsc_ext.cli", *argv], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_module_entry_point():
+    done = _adsc("plan", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["adsc_flops"] == 4_403_994_034_176
+    done = _adsc("plan", "--schedule", "8:3")
+    assert done.returncode == 2
+    assert done.stderr.startswith("adsc: error: ") and done.stderr.count("\n") == 1
