@@ -101,6 +101,10 @@ def stage_plan_reference(
             prev = (b, start + h * w)
     else:
         gh, gw = int(grid[0]), int(grid[1])
+        try:  # the model's grid must fit the schedule, whether or not this batch has images
+            schedule.grids((gh, gw))
+        except ScheduleError as exc:
+            raise ValueError(str(exc)) from None
         for b in range(B):
             images[b] = [(s, gh, gw) for s, _ in _find_images(seq_ids[b], int(image_token_id), gh * gw, b)]
 

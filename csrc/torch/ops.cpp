@@ -69,9 +69,10 @@ PlanTensors run_plan(const Backend& backend, adsc::PlanParams& p, const at::Devi
   const int64_t stages = p.num_steps + 1, T = p.num_tokens;
   const auto i32 = at::TensorOptions().dtype(at::kInt).device(device);
   at::Tensor workspace = at::empty({adsc::plan_workspace_size(T, p.num_steps)}, i32);
-  at::Tensor index = at::empty({stages, T}, i32);
-  at::Tensor source = at::empty({stages, T}, i32);
-  at::Tensor pos = at::empty({stages, T}, i32.dtype(at::kLong));
+  // Slots past a stage's size are filled like padding, so the outputs are fully determined.
+  at::Tensor index = at::full({stages, T}, -1, i32);
+  at::Tensor source = at::full({stages, T}, -1, i32);
+  at::Tensor pos = at::full({stages, T}, 1, i32.dtype(at::kLong));
   at::Tensor cu = at::empty({stages, p.batch_size + 1}, i32);
   at::Tensor summary = at::empty({adsc::plan_summary_size(p.num_steps)}, i32);
   p.workspace = workspace.data_ptr<int32_t>();

@@ -407,6 +407,15 @@ void plan_padded_left_right() {
     CHECK(run_and_compare(batch, "1:2,2:4", false, 3, 5));
     CHECK(run_and_compare(batch, "1:2", true, 3, 5));
   }
+  // Padding inside a row has no position: it neither splits nor ends an image run.
+  Batch holes;
+  holes.padded = true;
+  holes.S = 7;
+  holes.mask = {1, 1, 0, 1, 0, 1, 1};
+  holes.ids = {kImageId, kImageId, 0, kImageId, 0, kImageId, 3};
+  holes.rows = {{0, 1, 3, 5, 6}};
+  holes.images = {{0, 0, 2, 2}};
+  CHECK(run_and_compare(holes, "1:2", false, 2, 2));
 }
 
 void plan_spans() {

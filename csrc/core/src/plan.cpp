@@ -8,7 +8,7 @@
 namespace adsc {
 
 int64_t plan_workspace_size(int64_t num_tokens, int32_t num_steps) noexcept {
-  return num_tokens * (3 + static_cast<int64_t>(num_steps));  // pos, depth, rank per stage
+  return num_tokens * (4 + static_cast<int64_t>(num_steps));  // pos, depth, real, rank per stage
 }
 
 Status check_plan_params(const PlanParams& p) noexcept {

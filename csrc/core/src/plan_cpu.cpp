@@ -13,26 +13,33 @@ void report(int32_t* summary, int32_t code, const int64_t* details, int n) {
   for (int i = 0; i < n; ++i) summary[1 + i] = static_cast<int32_t>(details[i]);
 }
 
-// Phase 2 from runs of image tokens. Returns false (summary filled) on a partial image.
+// Phase 2 from runs of image tokens: walks each row's real tokens in position order (padding is
+// skipped, it has no position). Returns false (summary filled) on a partial image.
 bool depths_from_runs(const PlanParams& p, const detail::PlanWorkspace& ws) {
   const int64_t hw = static_cast<int64_t>(p.grid_h) * p.grid_w;
   for (int64_t b = 0; b < p.batch_size; ++b) {
-    const int64_t end = detail::row_end(p, b);
-    for (int64_t t = detail::row_begin(p, b); t < end;) {
-      if (!detail::token_is_real(p, t)) { ws.depth[t++] = -1; continue; }
-      if (!detail::is_image_token(p, t)) { ws.depth[t++] = p.num_steps; continue; }
-      int64_t run_end = t;
-      while (run_end < end && detail::is_image_token(p, run_end)) ++run_end;
-      if ((run_end - t) % hw != 0) {
-        const int64_t d[3] = {b, ws.pos[t], run_end - t};
-        report(p.summary, kPlanPartialImage, d, 3);
-        return false;
+    int64_t run = 0, run_pos = 0;  // length and first position of the current image run
+    auto close_run = [&]() {
+      if (run % hw == 0) return true;
+      const int64_t d[3] = {b, run_pos, run};
+      report(p.summary, kPlanPartialImage, d, 3);
+      return false;
+    };
+    for (int64_t t = detail::row_begin(p, b); t < detail::row_end(p, b); ++t) {
+      if (!detail::token_is_real(p, t)) {
+        ws.depth[t] = -1;
+      } else if (detail::is_image_token(p, t)) {
+        if (run == 0) run_pos = ws.pos[t];
+        ws.depth[t] = survived_steps(static_cast<int>(run % hw), p.grid_h, p.grid_w, p.factors,
+                                     p.num_steps);
+        ++run;
+      } else {
+        if (!close_run()) return false;
+        run = 0;
+        ws.depth[t] = p.num_steps;
       }
-      for (int64_t u = t; u < run_end; ++u)
-        ws.depth[u] = survived_steps(static_cast<int>((u - t) % hw), p.grid_h, p.grid_w,
-                                     p.factors, p.num_steps);
-      t = run_end;
     }
+    if (!close_run()) return false;
   }
   return true;
 }

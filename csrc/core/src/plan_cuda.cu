@@ -111,33 +111,39 @@ __global__ void __launch_bounds__(kThreads) plan_kernel(const PlanParams p) {
   __syncthreads();
 
   // Phase 2: depth of every token.
+  for (int64_t t = tid; t < T; t += kThreads) {
+    if (detail::token_is_real(p, t)) ws.real[ws.rank[t]] = static_cast<int32_t>(t);
+    else ws.depth[t] = -1;
+  }
+  __syncthreads();
   if (p.input_ids != nullptr) {
-    const int64_t hw = static_cast<int64_t>(p.grid_h) * p.grid_w;
+    // Runs of image tokens over the real tokens in position order (i indexes that order; row b
+    // holds i in [cu0[b], cu0[b+1])): a max-scan carries the start of the current run.
+    const int64_t hw = static_cast<int64_t>(p.grid_h) * p.grid_w, n = cu0[B];
     int64_t carry = -1;  // latest run start seen in earlier chunks
-    for (int64_t base = 0; base < T; base += kThreads) {
-      const int64_t t = base + tid;
-      const bool image = t < T && detail::is_image_token(p, t);
+    for (int64_t base = 0; base < n; base += kThreads) {
+      const int64_t i = base + tid;
+      const bool image = i < n && detail::is_image_token(p, ws.real[i]);
       int64_t b = 0;
       bool starts = false;
       if (image) {
-        b = detail::row_of(p, t);
-        starts = t == detail::row_begin(p, b) || !detail::is_image_token(p, t - 1);
+        b = detail::row_of_offsets(cu0, B, i);
+        starts = i == cu0[b] || !detail::is_image_token(p, ws.real[i - 1]);
       }
       int64_t total;
-      const int64_t incl = block_scan(starts ? t : -1, Max(), smem, &total);
+      const int64_t incl = block_scan(starts ? i : -1, Max(), smem, &total);
       const int64_t run_start = incl > carry ? incl : carry;
       carry = total > carry ? total : carry;
-      if (t < T) {
-        if (!detail::token_is_real(p, t)) {
-          ws.depth[t] = -1;
-        } else if (!image) {
+      if (i < n) {
+        const int64_t t = ws.real[i];
+        if (!image) {
           ws.depth[t] = S;
         } else {
-          ws.depth[t] = survived_steps(static_cast<int>((t - run_start) % hw), p.grid_h, p.grid_w,
+          ws.depth[t] = survived_steps(static_cast<int>((i - run_start) % hw), p.grid_h, p.grid_w,
                                        p.factors, S);
-          const bool ends = t + 1 == detail::row_end(p, b) || !detail::is_image_token(p, t + 1);
-          if (ends && (t - run_start + 1) % hw != 0) {
-            const int64_t d[3] = {b, ws.pos[run_start], t - run_start + 1};
+          const bool ends = i + 1 == cu0[b + 1] || !detail::is_image_token(p, ws.real[i + 1]);
+          if (ends && (i - run_start + 1) % hw != 0) {
+            const int64_t d[3] = {b, run_start - cu0[b], i - run_start + 1};
             report(p.summary, kPlanPartialImage, d, 3);
           }
         }
@@ -151,7 +157,7 @@ __global__ void __launch_bounds__(kThreads) plan_kernel(const PlanParams p) {
     }
     if (failed(p.summary)) return;
     for (int64_t t = tid; t < T; t += kThreads)
-      ws.depth[t] = ws.pos[t] < 0 ? -1 : detail::span_depth(p, detail::row_of(p, t), ws.pos[t]);
+      if (ws.pos[t] >= 0) ws.depth[t] = detail::span_depth(p, detail::row_of(p, t), ws.pos[t]);
   }
   if (failed(p.summary)) return;
 

@@ -4,7 +4,8 @@
 //   1. stage-0 ranks (packed: the token itself; padded: exclusive count of real tokens), stage-0
 //      offsets and every token's position id;
 //   2. every token's depth: how many schedule steps it survives (-1: padding; text: all of them),
-//      from runs of image_token_id or from explicit spans;
+//      from runs of image_token_id or from explicit spans. Runs are runs of consecutive
+//      *positions*: padding has no position, so it neither starts, ends nor splits a run;
 //   3. per stage s >= 1, each token's exclusive rank among the tokens alive at s;
 //   4. stage offsets and longest sequences;
 //   5. the writes: for each stage a token is alive in, its slot, its previous slot and position.
@@ -20,12 +21,23 @@ namespace detail {
 struct PlanWorkspace {
   int32_t* pos;    // [T] position id within the sequence (-1: padding)
   int32_t* depth;  // [T] steps survived (-1: padding)
+  int32_t* real;   // [T] input row of the i-th real token (stage-0 packed order)
   int32_t* rank;   // [(num_steps+1) * T] exclusive rank among the tokens alive at each stage
 };
 
 ADSC_HD PlanWorkspace plan_workspace(const PlanParams& p) {
   const int64_t T = p.num_tokens;
-  return PlanWorkspace{p.workspace, p.workspace + T, p.workspace + 2 * T};
+  return PlanWorkspace{p.workspace, p.workspace + T, p.workspace + 2 * T, p.workspace + 3 * T};
+}
+
+// The last b with offsets[b] <= i (skipping empty sequences): the sequence of packed row i.
+ADSC_HD int64_t row_of_offsets(const int32_t* offsets, int64_t batch_size, int64_t i) {
+  int64_t lo = 0, hi = batch_size;  // invariant: offsets[lo] <= i < offsets[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (offsets[mid] <= i) lo = mid; else hi = mid;
+  }
+  return lo;
 }
 
 ADSC_HD bool token_is_real(const PlanParams& p, int64_t t) {
@@ -37,16 +49,10 @@ ADSC_HD bool token_is_real(const PlanParams& p, int64_t t) {
   }
 }
 
-// The sequence (row) of token t. Packed: binary search of cu_seqlens (the last b with cu[b] <= t,
-// skipping empty sequences).
+// The sequence (row) of input token t.
 ADSC_HD int64_t row_of(const PlanParams& p, int64_t t) {
   if (p.layout == Layout::kPadded) return t / p.padded_len;
-  int64_t lo = 0, hi = p.batch_size;  // invariant: cu[lo] <= t < cu[hi]
-  while (hi - lo > 1) {
-    const int64_t mid = (lo + hi) / 2;
-    if (p.cu_seqlens[mid] <= t) lo = mid; else hi = mid;
-  }
-  return lo;
+  return row_of_offsets(p.cu_seqlens, p.batch_size, t);
 }
 
 // First and one-past-last input row of sequence b.

@@ -1,0 +1,110 @@
+"""Schedules (spec section 2) and the per-axis downsampling rule (spec section 4)."""
+
+import pytest
+from hypothesis import given, strategies as st
+
+from adsc_ext import LLAVA15_DEFAULT, Schedule, ScheduleError
+from adsc_ext.schedule import Step, downsample_grid, kept_axis_indices
+
+
+def test_default_and_round_trip():
+    assert LLAVA15_DEFAULT == "8:2,16:2,24:2"
+    s = Schedule.parse(LLAVA15_DEFAULT)
+    assert s.layers == (8, 16, 24) and s.factors == (2, 2, 2)
+    assert str(s) == LLAVA15_DEFAULT
+    assert Schedule.parse(" 1 : 4 , 3:2 ") == Schedule((Step(1, 4), Step(3, 2)))
+    assert str(Schedule.parse("")) == "" and not Schedule.parse("")
+    assert Schedule.coerce(None) == Schedule.parse("")
+    assert Schedule.coerce([(8, 2), (16, 4)]) == Schedule.parse("8:2,16:4")
+    assert Schedule.coerce(s) is s
+
+
+def test_validate_llava15_stages():
+    stages = Schedule.parse(LLAVA15_DEFAULT).validate(32, (24, 24))
+    assert [st.grid for st in stages] == [(24, 24), (24, 12), (12, 12), (12, 6)]
+    assert [st.tokens_per_image for st in stages] == [576, 288, 144, 72]
+    assert [(st.first_layer, st.end_layer) for st in stages] == [(0, 8), (8, 16), (16, 24), (24, 32)]
+    assert Schedule.parse(LLAVA15_DEFAULT).stage_of_layer(7) == 0
+    assert Schedule.parse(LLAVA15_DEFAULT).stage_of_layer(8) == 1
+    assert Schedule.parse(LLAVA15_DEFAULT).stage_of_layer(31) == 3
+
+
+def test_grids_odd_sides_and_factor_4():
+    # 7x5: factor 2 halves the longer side (rows) -> 4x5; then cols (tie-breaker only on equality)
+    assert Schedule.parse("1:2,2:2,3:4").grids((7, 5)) == [(7, 5), (4, 5), (4, 3), (2, 2)]
+    # tie halves the width
+    assert downsample_grid((4, 4), 2) == ((4, 2), False, True)
+    assert downsample_grid((3, 1), 2) == ((2, 1), True, False)
+
+
+@pytest.mark.parametrize(
+    "n, kept", [(2, [1]), (3, [1, 2]), (4, [1, 3]), (5, [1, 3, 4]), (8, [1, 3, 5, 7])]
+)
+def test_kept_axis_indices(n, kept):
+    assert kept_axis_indices(n) == kept
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("8:3", "factor must be 2 or 4, got 3"),
+        ("0:2", "layer must be >= 1"),
+        ("8:2,8:2", "strictly increasing, got 8 after 8"),
+        ("16:2,8:2", "strictly increasing"),
+        ("8", "expected 'layer:factor'"),
+        ("a:2", "bad schedule item 0 'a:2'"),
+        ("8:2,", "bad schedule item 1"),
+        ("-1:2", "expected 'layer:factor'"),
+        ("8:2;16:2", "expected 'layer:factor'"),
+        (",".join(f"{i}:2" for i in range(1, 18)), "at most 16 steps"),
+    ],
+)
+def test_parse_errors(text, match):
+    with pytest.raises(ScheduleError, match=match):
+        Schedule.parse(text)
+
+
+def test_validate_errors():
+    with pytest.raises(ScheduleError, match="32 decoder layers.*1 <= layer < 32"):
+        Schedule.parse("8:2,32:2").validate(32, (24, 24))
+    with pytest.raises(ScheduleError, match="halve a side of length 1"):
+        Schedule.parse("1:2,2:2").validate(8, (1, 2))
+    with pytest.raises(ScheduleError, match="cannot be downsampled by factor 4"):
+        Schedule.parse("1:4").validate(8, (1, 4))
+    with pytest.raises(ScheduleError, match="num_layers must be a positive int"):
+        Schedule.parse("1:2").validate(0)
+    with pytest.raises(ScheduleError, match="positive sides"):
+        Schedule.parse("1:2").grids((0, 3))
+    with pytest.raises(ScheduleError, match="schedule string is expected"):
+        Schedule.parse(8)
+    with pytest.raises(ScheduleError, match="must be a string, a Schedule or"):
+        Schedule.coerce(42)
+
+
+steps = st.lists(st.tuples(st.integers(1, 60), st.sampled_from([2, 4])), max_size=6)
+
+
+@given(steps)
+def test_round_trip_property(pairs):
+    layers = sorted({layer for layer, _ in pairs})
+    factors = [f for _, f in pairs][: len(layers)]
+    text = ",".join(f"{l}:{f}" for l, f in zip(layers, factors))
+    s = Schedule.parse(text)
+    assert str(s) == text and Schedule.parse(str(s)) == s
+
+
+@given(st.integers(1, 40), st.integers(1, 40), steps)
+def test_grids_match_kept_indices(h, w, pairs):
+    """The grid progression agrees with the per-axis rule it is derived from."""
+    layers = sorted({layer for layer, _ in pairs})
+    s = Schedule(tuple(Step(l, f) for l, (_, f) in zip(layers, pairs)))
+    try:
+        grids = s.grids((h, w))
+    except ScheduleError:
+        return
+    rows, cols = list(range(h)), list(range(w))
+    for step, (gh, gw) in zip(s.steps, grids[1:]):
+        _, hr, hc = downsample_grid((len(rows), len(cols)), step.factor)
+        rows = [rows[i] for i in kept_axis_indices(len(rows))] if hr else rows
+        cols = [cols[i] for i in kept_axis_indices(len(cols))] if hc else cols
+        assert (len(rows), len(cols)) == (gh, gw)
