@@ -17,6 +17,8 @@ _LAZY = {
     "compact_tokens": "ops",
     "cuda_ops_available": "ops",
     "apply_adsc": "hf",
+    "AdscCache": "hf",
+    "AdscStaticCache": "hf",
 }
 
 __all__ = [
