@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -127,14 +128,28 @@ def compact_tokens(
             f"{tuple(index.shape[: k - 1])} (for a padded layout: the batch)"
         )
     tail = tuple(x.shape[k:])
-    rows = x.reshape(-1, *tail) if k > 1 else x
+    rows = x.reshape(math.prod(x.shape[:k]), *tail) if k > 1 else x
     flat_index = index.reshape(-1)
     if out is None:
         return torch.ops.adsc.compact_tokens(rows, flat_index, check_index).view(*index.shape, *tail)
     want = (*index.shape, *tail)
     if tuple(out.shape) != want:
         raise ValueError(f"out must have shape {want} (index.shape + x.shape[{k}:]), got {tuple(out.shape)}")
-    torch.ops.adsc.compact_tokens_out(rows, flat_index, out.view(-1, *tail), check_index)
+    if out.device != x.device:
+        raise ValueError(f"out must be on {x.device} like x, got {out.device}")
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError(
+            "compact_tokens(out=...) does not support automatic differentiation: x requires grad; "
+            "call it without out= (or under torch.no_grad())"
+        )
+    try:
+        out_rows = out.view(flat_index.numel(), *tail)
+    except RuntimeError:
+        raise ValueError(
+            f"out must be contiguous in its token dims {tuple(out.shape[:k])} (they are taken as "
+            f"one row axis), got strides {out.stride()}"
+        ) from None
+    torch.ops.adsc.compact_tokens_out(rows, flat_index, out_rows, check_index)
     return out
 
 

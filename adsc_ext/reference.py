@@ -6,6 +6,7 @@ no logic with the C++/CUDA core; the compiled ops must match them bit for bit.
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -185,7 +186,7 @@ def compact_tokens_reference(x: torch.Tensor, index: torch.Tensor) -> torch.Tens
     ``out[i] = x_flat[index[i]]``, and a row whose index is ``-1`` is zero.
     """
     k = index.dim()
-    flat = x.reshape(-1, *x.shape[k:])
+    flat = x.reshape(math.prod(x.shape[:k]), *x.shape[k:])
     idx = index.reshape(-1).long()
     out = torch.zeros((idx.numel(), *x.shape[k:]), dtype=x.dtype, device=x.device)
     keep = idx >= 0

@@ -88,7 +88,8 @@ PlanTensors run_plan(const Backend& backend, adsc::PlanParams& p, const at::Devi
   return {index, source, pos, cu, host_summary};
 }
 
-// Row view of a tensor whose dims after the first are contiguous: (row_bytes, row_stride_bytes).
+// Row view of a tensor whose dims after the first are contiguous and whose rows do not overlap
+// (an expanded tensor's rows do): (row_bytes, row_stride_bytes).
 bool row_layout(const at::Tensor& t, int64_t* row_bytes, int64_t* row_stride) {
   int64_t expected = 1;
   for (int64_t d = t.dim() - 1; d >= 1; --d) {
@@ -97,7 +98,7 @@ bool row_layout(const at::Tensor& t, int64_t* row_bytes, int64_t* row_stride) {
   }
   *row_bytes = expected * static_cast<int64_t>(t.element_size());
   *row_stride = t.stride(0) * static_cast<int64_t>(t.element_size());
-  return true;
+  return t.size(0) <= 1 || *row_stride >= *row_bytes;
 }
 
 void check_index(const at::Tensor& index, const at::Device& device) {
@@ -253,7 +254,8 @@ at::Tensor scatter_add_tokens(const Backend& backend, const at::Tensor& grad_in,
   std::vector<int64_t> shape(grad.sizes().begin(), grad.sizes().end());
   shape[0] = num_rows;
   at::Tensor out = at::zeros(shape, grad.options());
-  const int64_t row_elems = grad.dim() == 1 ? 1 : grad[0].numel();
+  int64_t row_elems = 1;
+  for (int64_t d = 1; d < grad.dim(); ++d) row_elems *= grad.size(d);
   adsc::ScatterAddRowsParams p;
   p.src = grad.data_ptr();
   p.src_rows = grad.size(0);
