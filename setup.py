@@ -53,10 +53,21 @@ class CMakeBuild(build_ext):
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.check_call(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args])
         subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
-        subprocess.check_call(
-            ["cmake", "--install", str(build_dir), "--component", "python",
-             "--prefix", str(package_dir.parent)]
-        )
+        install = ["cmake", "--install", str(build_dir), "--component"]
+        # adsc_ext/_C*.so, then the C/C++ SDK under adsc_ext/ (lib/, include/, lib/cmake/adsc):
+        # `python -m adsc_ext --cmake-prefix-path` hands that prefix to CMake.
+        subprocess.check_call([*install, "python", "--prefix", str(package_dir.parent)])
+        subprocess.check_call([*install, "sdk", "--prefix", str(package_dir)])
+
+
+    def copy_extensions_to_source(self) -> None:
+        # Editable installs: the SDK installed beside _C (lib/, include/) goes in place too.
+        super().copy_extensions_to_source()
+        built = Path(self.build_lib) / "adsc_ext"
+        for sub in ("lib", "include"):
+            if (built / sub).is_dir():
+                shutil.rmtree(ROOT / "adsc_ext" / sub, ignore_errors=True)
+                shutil.copytree(built / sub, ROOT / "adsc_ext" / sub, symlinks=True)
 
 
 setup(ext_modules=[CMakeExtension("adsc_ext._C")], cmdclass={"build_ext": CMakeBuild})

@@ -5,6 +5,7 @@ without the compiled extension; the ops (``stage_plan``, ``compact_tokens``) loa
 """
 
 from importlib import import_module
+from pathlib import Path
 
 from .plan import Plan, StagePlan
 from .schedule import LLAVA15_DEFAULT, Schedule, ScheduleError, StageInfo, Step
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "stage_plan": "ops",
     "compact_tokens": "ops",
+    "write_paged_kv": "ops",
     "cuda_ops_available": "ops",
     "apply_adsc": "hf",
     "AdscCache": "hf",
@@ -23,8 +25,19 @@ _LAZY = {
 
 __all__ = [
     "LLAVA15_DEFAULT", "Schedule", "ScheduleError", "Step", "StageInfo", "Plan", "StagePlan",
-    *_LAZY,
+    "cmake_prefix_path", *_LAZY,
 ]
+
+
+def cmake_prefix_path() -> str:
+    """The prefix of the C/C++ SDK shipped in the package, for CMake's ``find_package(adsc)``."""
+    prefix = Path(__file__).resolve().parent
+    if not (prefix / "lib" / "cmake" / "adsc" / "adscConfig.cmake").is_file():
+        raise FileNotFoundError(
+            f"no CMake package under {prefix}: this install of adsc_ext has no C/C++ SDK "
+            "(build it with `pip install --no-build-isolation .`)"
+        )
+    return str(prefix)
 
 
 def __getattr__(name):

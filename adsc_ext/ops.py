@@ -16,7 +16,7 @@ from . import _C  # noqa: F401  (loads the library that registers torch.ops.adsc
 from .plan import Plan, StagePlan, normalize_plan_inputs
 from .schedule import Schedule
 
-__all__ = ["stage_plan", "compact_tokens", "cuda_ops_available"]
+__all__ = ["stage_plan", "compact_tokens", "write_paged_kv", "cuda_ops_available"]
 
 # Summary layout of adsc/plan.h: a header of 8 int32s, then (tokens, max length) per stage.
 _SUMMARY_HEADER = 8
@@ -153,6 +153,26 @@ def compact_tokens(
     return out
 
 
+def write_paged_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    check_slots: bool = True,
+) -> None:
+    """Write K/V rows into paged caches in place: ``key_cache[slot] = key[t]`` (and value).
+
+    Caches are ``[num_blocks, block_size, num_kv_heads, head_dim]`` (FlashAttention's paged layout);
+    ``key``/``value`` are ``[T, num_kv_heads, head_dim]``; ``slot_mapping`` is int64 ``[T]`` with
+    ``slot = block * block_size + offset`` and ``-1`` for tokens not to write (padding). With ADSC
+    each stage has its own pool, sized by that stage's tokens. ``check_slots`` validates the slot
+    range (one synchronisation on CUDA; pass False for slots computed from block tables).
+    """
+    torch.ops.adsc.write_paged_kv(key, value, key_cache, value_cache, slot_mapping, check_slots)
+
+
 # ---- torch.compile support: fake kernels --------------------------------------------------------
 def _plan_fakes(device, stages: int, num_tokens, batch: int):
     i32 = dict(dtype=torch.int32, device=device)
@@ -184,6 +204,11 @@ def _(x, index, check_index=True):
 
 @torch.library.register_fake("adsc::compact_tokens_out")
 def _(x, index, out, check_index=True):
+    return None
+
+
+@torch.library.register_fake("adsc::write_paged_kv")
+def _(key, value, key_cache, value_cache, slot_mapping, check_slots=True):
     return None
 
 

@@ -14,7 +14,10 @@ import torch
 from .plan import Plan, StagePlan, normalize_plan_inputs
 from .schedule import Schedule, ScheduleError, downsample_grid, kept_axis_indices
 
-__all__ = ["kept_image_indices", "stage_plan_reference", "compact_tokens_reference"]
+__all__ = [
+    "kept_image_indices", "stage_plan_reference", "compact_tokens_reference",
+    "write_paged_kv_reference",
+]
 
 
 def kept_image_indices(grid: Sequence[int], schedule) -> List[List[int]]:
@@ -192,3 +195,11 @@ def compact_tokens_reference(x: torch.Tensor, index: torch.Tensor) -> torch.Tens
     keep = idx >= 0
     out[keep] = flat[idx[keep]]
     return out.reshape(*index.shape, *x.shape[k:])
+
+
+def write_paged_kv_reference(key, value, key_cache, value_cache, slot_mapping) -> None:
+    """Reference of :func:`adsc_ext.write_paged_kv`: in place, slot -1 skipped."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    key_cache.view(-1, *key.shape[1:])[slots] = key[keep]
+    value_cache.view(-1, *value.shape[1:])[slots] = value[keep]

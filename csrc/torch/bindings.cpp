@@ -38,6 +38,12 @@ void compact_out_cpu(const at::Tensor& x, const at::Tensor& index, at::Tensor& o
   adsc_torch::compact_tokens_out(cpu_backend(), x, index, out, check_index);
 }
 
+void write_paged_kv_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                        at::Tensor& value_cache, const at::Tensor& slot_mapping, bool check_slots) {
+  adsc_torch::write_paged_kv(cpu_backend(), key, value, key_cache, value_cache, slot_mapping,
+                             check_slots);
+}
+
 at::Tensor scatter_add_cpu(const at::Tensor& grad, const at::Tensor& index, int64_t num_rows) {
   return adsc_torch::scatter_add_tokens(cpu_backend(), grad, index, num_rows);
 }
@@ -61,6 +67,11 @@ TORCH_LIBRARY(adsc, m) {
   m.def("compact_tokens_out(Tensor x, Tensor index, Tensor(a!) out, bool check_index=True) -> ()");
   // The adjoint of compact_tokens: zeros [num_rows, ...] + grad rows added at index.
   m.def("scatter_add_tokens(Tensor grad, Tensor index, int num_rows) -> Tensor");
+  // key_cache[slot] = key[t], value_cache[slot] = value[t] for slot = slot_mapping[t] != -1;
+  // caches [num_blocks, block_size, ...] (FlashAttention's paged layout).
+  m.def(
+      "write_paged_kv(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+      "Tensor slot_mapping, bool check_slots=True) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(adsc, CPU, m) {
@@ -69,6 +80,7 @@ TORCH_LIBRARY_IMPL(adsc, CPU, m) {
   m.impl("compact_tokens", &compact_cpu);
   m.impl("compact_tokens_out", &compact_out_cpu);
   m.impl("scatter_add_tokens", &scatter_add_cpu);
+  m.impl("write_paged_kv", &write_paged_kv_cpu);
 }
 
 // `import adsc_ext._C` loads this library, which registers the ops above.

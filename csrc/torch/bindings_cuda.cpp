@@ -13,6 +13,7 @@ const adsc_torch::Backend& cuda_backend() {
       &adsc::plan_cuda,
       &adsc::gather_rows_cuda,
       &adsc::scatter_add_rows_cuda,
+      &adsc::write_paged_kv_cuda,
       [](const at::Device& device) {
         return reinterpret_cast<adsc_stream_t>(at::cuda::getCurrentCUDAStream(device.index()).stream());
       },
@@ -56,6 +57,13 @@ at::Tensor scatter_add_cuda(const at::Tensor& grad, const at::Tensor& index, int
   return adsc_torch::scatter_add_tokens(cuda_backend(), grad, index, num_rows);
 }
 
+void write_paged_kv_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                         at::Tensor& value_cache, const at::Tensor& slot_mapping, bool check_slots) {
+  const c10::cuda::CUDAGuard guard(key.device());
+  adsc_torch::write_paged_kv(cuda_backend(), key, value, key_cache, value_cache, slot_mapping,
+                             check_slots);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(adsc, CUDA, m) {
@@ -64,4 +72,5 @@ TORCH_LIBRARY_IMPL(adsc, CUDA, m) {
   m.impl("compact_tokens", &compact_cuda);
   m.impl("compact_tokens_out", &compact_out_cuda);
   m.impl("scatter_add_tokens", &scatter_add_cuda);
+  m.impl("write_paged_kv", &write_paged_kv_cuda);
 }

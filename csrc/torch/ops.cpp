@@ -271,12 +271,75 @@ at::Tensor scatter_add_tokens(const Backend& backend, const at::Tensor& grad_in,
   return out;
 }
 
+void write_paged_kv(const Backend& backend, const at::Tensor& key_in, const at::Tensor& value_in,
+                    at::Tensor& key_cache, at::Tensor& value_cache,
+                    const at::Tensor& slot_mapping_in, bool check_slots) {
+  const at::Device device = key_in.device();
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"value", &value_in},
+                                {"key_cache", &key_cache}, {"value_cache", &value_cache},
+                                {"slot_mapping", &slot_mapping_in}})
+    check_device(name, *t, device);
+  TORCH_CHECK_VALUE(key_in.dim() >= 1 && key_in.sizes() == value_in.sizes(),
+                    "key and value must be [tokens, ...] of one shape, got ", key_in.sizes(),
+                    " and ", value_in.sizes());
+  TORCH_CHECK_TYPE(key_in.scalar_type() == value_in.scalar_type() &&
+                   key_cache.scalar_type() == key_in.scalar_type() &&
+                   value_cache.scalar_type() == key_in.scalar_type(),
+                   "key, value and the caches must share one dtype, got ", key_in.scalar_type(), ", ",
+                   value_in.scalar_type(), ", ", key_cache.scalar_type(), ", ",
+                   value_cache.scalar_type());
+  TORCH_CHECK_VALUE(key_cache.dim() == key_in.dim() + 1 && key_cache.sizes() == value_cache.sizes() &&
+                    key_cache.sizes().slice(2) == key_in.sizes().slice(1),
+                    "caches must be [num_blocks, block_size] + key.shape[1:] = [*, *, ",
+                    key_in.sizes().slice(1), "], got ", key_cache.sizes(), " and ", value_cache.sizes());
+  TORCH_CHECK_VALUE(key_cache.is_contiguous() && value_cache.is_contiguous(),
+                    "key_cache and value_cache must be contiguous");
+  TORCH_CHECK_TYPE(slot_mapping_in.scalar_type() == at::kLong, "slot_mapping must be int64, got ",
+                   slot_mapping_in.scalar_type());
+  TORCH_CHECK_VALUE(slot_mapping_in.dim() == 1 && slot_mapping_in.size(0) == key_in.size(0),
+                    "slot_mapping must be [", key_in.size(0), "] (one slot per token), got ",
+                    slot_mapping_in.sizes());
+  at::Tensor key = key_in, value = value_in;
+  int64_t row_bytes = 0, key_stride = 0, value_stride = 0;
+  if (!row_layout(key, &row_bytes, &key_stride)) {
+    key = key.contiguous();
+    row_layout(key, &row_bytes, &key_stride);
+  }
+  if (!row_layout(value, &row_bytes, &value_stride)) {
+    value = value.contiguous();
+    row_layout(value, &row_bytes, &value_stride);
+  }
+  const at::Tensor slots = slot_mapping_in.contiguous();
+  adsc::PagedKVParams p;
+  p.key = key.data_ptr();
+  p.value = value.data_ptr();
+  p.key_stride = key_stride;
+  p.value_stride = value_stride;
+  p.key_cache = key_cache.data_ptr();
+  p.value_cache = value_cache.data_ptr();
+  p.cache_stride = row_bytes;
+  p.num_tokens = key.size(0);
+  p.num_slots = key_cache.size(0) * key_cache.size(1);
+  p.row_bytes = row_bytes;
+  p.slot_mapping = slots.data_ptr<int64_t>();
+  if (check_slots && device.type() != at::kCPU && slots.numel() > 0) {
+    const auto [lo, hi] = at::aminmax(slots);
+    const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+    TORCH_CHECK_INDEX(lo_v >= -1 && hi_v < p.num_slots, "write_paged_kv: slots must be -1 "
+                      "(padding) or in [0, ", p.num_slots, "), got values in [", lo_v, ", ", hi_v, "]");
+  }
+  throw_on_error(backend.write_paged_kv(p, nullptr, backend.current_stream(device)));
+}
+
 const Backend& cpu_backend() {
   static const Backend backend{
       [](const adsc::PlanParams& p, adsc_stream_t) { return adsc::plan_cpu(p); },
       [](const adsc::GatherRowsParams& p, int32_t*, adsc_stream_t) { return adsc::gather_rows_cpu(p); },
       [](const adsc::ScatterAddRowsParams& p, int32_t*, adsc_stream_t) {
         return adsc::scatter_add_rows_cpu(p);
+      },
+      [](const adsc::PagedKVParams& p, int32_t*, adsc_stream_t) {
+        return adsc::write_paged_kv_cpu(p);
       },
       [](const at::Device&) { return static_cast<adsc_stream_t>(nullptr); },
   };

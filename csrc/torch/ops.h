@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "adsc/compact.h"
+#include "adsc/paged_kv.h"
 #include "adsc/plan.h"
 
 namespace adsc_torch {
@@ -17,6 +18,7 @@ struct Backend {
   adsc::Status (*gather_rows)(const adsc::GatherRowsParams&, int32_t* error_flag, adsc_stream_t);
   adsc::Status (*scatter_add_rows)(const adsc::ScatterAddRowsParams&, int32_t* error_flag,
                                    adsc_stream_t);
+  adsc::Status (*write_paged_kv)(const adsc::PagedKVParams&, int32_t* error_flag, adsc_stream_t);
   adsc_stream_t (*current_stream)(const at::Device&);
 };
 
@@ -47,5 +49,11 @@ at::Tensor compact_tokens(const Backend& backend, const at::Tensor& x, const at:
 // The adjoint: zeros [num_rows, ...] with grad rows added at index (duplicates accumulate).
 at::Tensor scatter_add_tokens(const Backend& backend, const at::Tensor& grad,
                               const at::Tensor& index, int64_t num_rows);
+
+// key_cache[slot_mapping[t]] = key[t] (and value): caches [num_blocks, block_size, ...], keys
+// [T, ...] with the same trailing dims; slot -1 skips a token. Writes in place.
+void write_paged_kv(const Backend& backend, const at::Tensor& key, const at::Tensor& value,
+                    at::Tensor& key_cache, at::Tensor& value_cache,
+                    const at::Tensor& slot_mapping, bool check_slots);
 
 }  // namespace adsc_torch

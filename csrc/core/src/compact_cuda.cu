@@ -9,19 +9,15 @@
 
 #include "adsc/compact.h"
 #include "compact_impl.h"
+#include "vec.cuh"
 
 namespace adsc {
 namespace {
 
+using detail::Vec;
+
 constexpr int kBlockThreads = 256;
 constexpr int kMaxBlocks = 8192;  // grid-stride beyond this
-
-template <int Bytes> struct Vec;
-template <> struct Vec<16> { using type = uint4; };
-template <> struct Vec<8> { using type = uint2; };
-template <> struct Vec<4> { using type = uint32_t; };
-template <> struct Vec<2> { using type = uint16_t; };
-template <> struct Vec<1> { using type = uint8_t; };
 
 template <int Bytes, typename Index>
 __global__ void gather_rows_kernel(const char* __restrict__ src, int64_t src_rows,
@@ -48,32 +44,22 @@ __global__ void gather_rows_kernel(const char* __restrict__ src, int64_t src_row
   }
 }
 
-int vector_bytes(const GatherRowsParams& p) {
-  const uintptr_t bits = reinterpret_cast<uintptr_t>(p.src) | reinterpret_cast<uintptr_t>(p.dst) |
-                         static_cast<uintptr_t>(p.row_bytes) |
-                         static_cast<uintptr_t>(p.src_row_stride) |
-                         static_cast<uintptr_t>(p.dst_row_stride);
-  for (int bytes = 16; bytes > 1; bytes /= 2)
-    if ((bits & static_cast<uintptr_t>(bytes - 1)) == 0) return bytes;
-  return 1;
-}
-
 template <int Bytes, typename Index>
 void launch_gather(const GatherRowsParams& p, int32_t* error_flag, cudaStream_t stream) {
   const int64_t vecs = p.row_bytes / Bytes;
-  int bx = 1;
-  while (bx < vecs && bx < kBlockThreads) bx *= 2;  // threads along a row
-  const int by = kBlockThreads / bx;                // rows per block
-  const int64_t blocks = (p.dst_rows + by - 1) / by;
-  const dim3 grid(static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks));
-  gather_rows_kernel<Bytes, Index><<<grid, dim3(bx, by), 0, stream>>>(
+  const dim3 block = detail::row_block(vecs);
+  gather_rows_kernel<Bytes, Index><<<detail::row_grid(p.dst_rows, block), block, 0, stream>>>(
       static_cast<const char*>(p.src), p.src_rows, p.src_row_stride, static_cast<char*>(p.dst),
       p.dst_rows, p.dst_row_stride, vecs, static_cast<const Index*>(p.index), error_flag);
 }
 
 template <typename Index>
 void dispatch_gather(const GatherRowsParams& p, int32_t* error_flag, cudaStream_t stream) {
-  switch (vector_bytes(p)) {
+  const uintptr_t bits = reinterpret_cast<uintptr_t>(p.src) | reinterpret_cast<uintptr_t>(p.dst) |
+                         static_cast<uintptr_t>(p.row_bytes) |
+                         static_cast<uintptr_t>(p.src_row_stride) |
+                         static_cast<uintptr_t>(p.dst_row_stride);
+  switch (detail::vector_bytes(bits)) {
     case 16: launch_gather<16, Index>(p, error_flag, stream); break;
     case 8: launch_gather<8, Index>(p, error_flag, stream); break;
     case 4: launch_gather<4, Index>(p, error_flag, stream); break;

@@ -1,6 +1,8 @@
 // The CUDA entry points of a build without CUDA: they report that plainly instead of being absent,
 // so a C++ service links the same symbols whichever way the core was built.
+#include "adsc/adsc.h"
 #include "adsc/compact.h"
+#include "adsc/paged_kv.h"
 #include "adsc/plan.h"
 
 namespace adsc {
@@ -18,5 +20,10 @@ Status gather_rows_cuda(const GatherRowsParams&, int32_t*, adsc_stream_t) noexce
 Status scatter_add_rows_cuda(const ScatterAddRowsParams&, int32_t*, adsc_stream_t) noexcept {
   return not_compiled("scatter_add_rows_cuda");
 }
+Status write_paged_kv_cuda(const PagedKVParams&, int32_t*, adsc_stream_t) noexcept {
+  return not_compiled("write_paged_kv_cuda");
+}
 
 }  // namespace adsc
+
+extern "C" int adsc_cuda_compiled(void) { return 0; }

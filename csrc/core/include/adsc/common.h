@@ -7,5 +7,8 @@
 #define ADSC_HD inline
 #endif
 
-// cudaStream_t without requiring the CUDA headers in CPU-only consumers.
+// cudaStream_t without requiring the CUDA headers in CPU-only consumers (same as adsc.h's).
+#ifndef ADSC_STREAM_T_DEFINED
+#define ADSC_STREAM_T_DEFINED
 typedef struct CUstream_st* adsc_stream_t;
+#endif

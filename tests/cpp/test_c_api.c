@@ -1,0 +1,262 @@
+/* Tests of the C ABI (adsc/adsc.h), written in C11 against the shared library, so the header is
+ * proven C-compatible and the exported symbols are the ones a service links. Run one case:
+ * `adsc_c_api_tests <case>`; exit 0 = pass, 1 = fail. */
+#include <adsc/adsc.h>
+#if defined(ADSC_TEST_HAVE_CUDART)
+#include <cuda_runtime_api.h>
+#endif
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+
+static int failures = 0;
+
+#define CHECK(cond)                                                              \
+  do {                                                                           \
+    if (!(cond)) {                                                               \
+      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);   \
+      ++failures;                                                                \
+    }                                                                            \
+  } while (0)
+
+/* `expr` must return `status` with a message containing `needle`. */
+#define CHECK_FAILS(expr, status, needle)                                        \
+  do {                                                                           \
+    adsc_status s_ = (expr);                                                     \
+    if (s_ != (status) || strstr(adsc_last_error(), (needle)) == NULL) {         \
+      fprintf(stderr, "%s:%d: %s: expected %s with '%s', got %s: '%s'\n", __FILE__, __LINE__, \
+              #expr, adsc_status_name(status), (needle), adsc_status_name(s_),    \
+              adsc_last_error());                                                \
+      ++failures;                                                                \
+    }                                                                            \
+  } while (0)
+
+/* A packed batch of two sequences: [1, img x4, 2] and [3, 4], grid 2x2, schedule "1:2". */
+enum { T = 8, B = 2, STAGES = 2 };
+static const int64_t kIds[T] = {1, 9, 9, 9, 9, 2, 3, 4};
+static const int32_t kCu[B + 1] = {0, 6, 8};
+
+typedef struct {
+  adsc_schedule schedule;
+  int32_t workspace[T * 6];
+  int32_t index[STAGES * T], source[STAGES * T], cu_out[STAGES * (B + 1)], summary[16];
+  int64_t pos[STAGES * T];
+  adsc_plan_params p;
+} plan_fixture;
+
+static void make_plan(plan_fixture* f) {
+  memset(f, 0, sizeof(*f));
+  CHECK(adsc_schedule_parse("1:2", &f->schedule) == ADSC_OK);
+  CHECK(adsc_plan_workspace_size(T, 1) <= (int64_t)(sizeof(f->workspace) / 4));
+  CHECK(adsc_plan_summary_size(1) <= 16);
+  f->p.layout = ADSC_LAYOUT_PACKED;
+  f->p.num_tokens = T;
+  f->p.batch_size = B;
+  f->p.cu_seqlens = kCu;
+  f->p.input_ids = kIds;
+  f->p.image_token_id = 9;
+  f->p.grid_h = 2;
+  f->p.grid_w = 2;
+  f->p.schedule = &f->schedule;
+  f->p.pad_left = 1;
+  f->p.workspace = f->workspace;
+  f->p.index = f->index;
+  f->p.source_index = f->source;
+  f->p.position_ids = f->pos;
+  f->p.cu_seqlens_out = f->cu_out;
+  f->p.summary = f->summary;
+}
+
+static void version_and_names(void) {
+  const char* v = adsc_version();
+  int major = -1, minor = -1, patch = -1;
+  CHECK(v != NULL && sscanf(v, "%d.%d.%d", &major, &minor, &patch) == 3);
+  CHECK(strcmp(adsc_status_name(ADSC_OK), "ok") == 0);
+  CHECK(strcmp(adsc_status_name(ADSC_INDEX_OUT_OF_RANGE), "index out of range") == 0);
+  CHECK(adsc_cuda_compiled() == 0 || adsc_cuda_compiled() == 1);
+}
+
+static void schedules(void) {
+  adsc_schedule s;
+  char text[64];
+  int32_t gh[ADSC_MAX_STEPS + 1], gw[ADSC_MAX_STEPS + 1];
+  CHECK(adsc_schedule_parse("8:2,16:2,24:2", &s) == ADSC_OK && s.num_steps == 3);
+  CHECK(adsc_schedule_format(&s, text, sizeof(text)) == ADSC_OK && strcmp(text, "8:2,16:2,24:2") == 0);
+  CHECK(adsc_schedule_validate(&s, 32, 24, 24, gh, gw) == ADSC_OK && gh[3] == 12 && gw[3] == 6);
+  CHECK_FAILS(adsc_schedule_parse("8:3", &s), ADSC_INVALID_ARGUMENT, "factor must be 2 or 4, got 3");
+  CHECK_FAILS(adsc_schedule_parse("0:2", &s), ADSC_INVALID_ARGUMENT, "layer must be >= 1");
+  CHECK_FAILS(adsc_schedule_parse("8;2", &s), ADSC_INVALID_ARGUMENT, "expected 'layer:factor'");
+  CHECK(adsc_schedule_parse("8:2,16:2,24:2", &s) == ADSC_OK);
+  CHECK_FAILS(adsc_schedule_validate(&s, 24, 24, 24, NULL, NULL), ADSC_INVALID_ARGUMENT,
+              "need 1 <= layer < 24");
+  s.num_steps = 17; /* filled by hand */
+  CHECK_FAILS(adsc_schedule_format(&s, text, sizeof(text)), ADSC_INVALID_ARGUMENT,
+              "num_steps must be in 0..16, got 17");
+}
+
+static void null_pointers(void) {
+  adsc_schedule s;
+  plan_fixture f;
+  CHECK_FAILS(adsc_schedule_parse(NULL, &s), ADSC_INVALID_ARGUMENT, "text must not be NULL");
+  CHECK_FAILS(adsc_schedule_parse("1:2", NULL), ADSC_INVALID_ARGUMENT, "out must not be NULL");
+  CHECK_FAILS(adsc_schedule_format(NULL, NULL, 0), ADSC_INVALID_ARGUMENT, "schedule must not be NULL");
+  CHECK_FAILS(adsc_plan_host(NULL), ADSC_INVALID_ARGUMENT, "params must not be NULL");
+  CHECK_FAILS(adsc_plan_device(NULL, NULL), ADSC_INVALID_ARGUMENT, "params must not be NULL");
+  CHECK_FAILS(adsc_compact_host(NULL), ADSC_INVALID_ARGUMENT, "params must not be NULL");
+  CHECK_FAILS(adsc_write_paged_kv_host(NULL), ADSC_INVALID_ARGUMENT, "params must not be NULL");
+  make_plan(&f);
+  f.p.schedule = NULL;
+  CHECK_FAILS(adsc_plan_host(&f.p), ADSC_INVALID_ARGUMENT, "schedule must not be NULL");
+  make_plan(&f);
+  f.p.index = NULL;
+  CHECK_FAILS(adsc_plan_host(&f.p), ADSC_INVALID_ARGUMENT, "must not be null");
+  make_plan(&f);
+  f.p.cu_seqlens = NULL;
+  CHECK_FAILS(adsc_plan_host(&f.p), ADSC_INVALID_ARGUMENT, "needs cu_seqlens");
+  make_plan(&f);
+  CHECK_FAILS(adsc_plan_check_summary(NULL, &f.p), ADSC_INVALID_ARGUMENT, "host_summary must not be NULL");
+  {
+    float src[4] = {0}, dst[4] = {0};
+    adsc_compact_params c = {src, 2, 8, dst, 2, 8, 8, NULL, 0};
+    CHECK_FAILS(adsc_compact_host(&c), ADSC_INVALID_ARGUMENT, "index must not be null");
+  }
+  {
+    int64_t slots[1] = {0};
+    adsc_paged_kv_params k = {NULL, NULL, 4, 4, NULL, NULL, 4, 1, 1, 4, slots};
+    CHECK_FAILS(adsc_write_paged_kv_host(&k), ADSC_INVALID_ARGUMENT, "must not be null");
+  }
+}
+
+static void sizes_that_do_not_match(void) {
+  plan_fixture f;
+  int32_t bad_cu[B + 1] = {0, 6, 7}; /* ends before T */
+  make_plan(&f);
+  f.p.cu_seqlens = bad_cu;
+  CHECK_FAILS(adsc_plan_host(&f.p), ADSC_INVALID_INPUT, "end at the number of tokens (8)");
+  make_plan(&f);
+  f.p.layout = ADSC_LAYOUT_PADDED;
+  f.p.padded_len = 3; /* B * S = 6 != T */
+  f.p.mask = kIds;
+  CHECK_FAILS(adsc_plan_host(&f.p), ADSC_INVALID_ARGUMENT, "needs num_tokens = 6, got 8");
+  make_plan(&f);
+  f.schedule.factors[0] = 3; /* filled by hand */
+  CHECK_FAILS(adsc_plan_host(&f.p), ADSC_INVALID_ARGUMENT, "factor 3");
+  make_plan(&f);
+  f.p.grid_w = 3; /* the run of 4 image tokens is not whole 2x3 images */
+  CHECK_FAILS(adsc_plan_host(&f.p), ADSC_INVALID_INPUT, "a run of 4 image tokens (id 9) at position 1");
+  {
+    float src[6] = {1, 2, 3, 4, 5, 6}, dst[4] = {9, 9, 9, 9};
+    int32_t index[2] = {0, 3}; /* src has 3 rows */
+    adsc_compact_params c = {src, 3, 8, dst, 2, 8, 8, index, 0};
+    CHECK_FAILS(adsc_compact_host(&c), ADSC_INDEX_OUT_OF_RANGE, "index[1] = 3 is out of range");
+    CHECK(dst[0] == 9 && dst[3] == 9); /* nothing written */
+    c.dst_row_stride = 4;
+    CHECK_FAILS(adsc_compact_host(&c), ADSC_INVALID_ARGUMENT, "at least the row size");
+  }
+  {
+    uint16_t k[4] = {1, 2, 3, 4}, v[4] = {5, 6, 7, 8}, kc[8] = {0}, vc[8] = {0};
+    int64_t slots[2] = {3, 4}; /* 4 slots */
+    adsc_paged_kv_params p = {k, v, 4, 4, kc, vc, 4, 2, 4, 4, slots};
+    CHECK_FAILS(adsc_write_paged_kv_host(&p), ADSC_INDEX_OUT_OF_RANGE,
+                "slot_mapping[1] = 4 is out of range");
+    slots[1] = -1;
+    CHECK(adsc_write_paged_kv_host(&p) == ADSC_OK && kc[6] == 1 && kc[7] == 2 && vc[6] == 5);
+  }
+}
+
+static void host_plan_compact_and_kv(void) {
+  plan_fixture f;
+  make_plan(&f);
+  CHECK(adsc_plan_host(&f.p) == ADSC_OK);
+  CHECK(adsc_plan_check_summary(f.summary, &f.p) == ADSC_OK);
+  /* 2x2 image, factor 2 halves the width: columns 1 of both rows survive (positions 2 and 4). */
+  CHECK(adsc_plan_stage_tokens(f.summary, 0) == 8 && adsc_plan_stage_tokens(f.summary, 1) == 6);
+  CHECK(adsc_plan_stage_max_len(f.summary, 1) == 4);
+  {
+    const int64_t want_pos[6] = {0, 2, 4, 5, 0, 1};
+    int i;
+    for (i = 0; i < 6; ++i) CHECK(f.pos[T + i] == want_pos[i]);
+  }
+  {
+    double hidden[T], out[6];
+    int i;
+    for (i = 0; i < T; ++i) hidden[i] = 100.0 + i;
+    adsc_compact_params c = {hidden, T, 8, out, 6, 8, 8, f.index + T, 0};
+    CHECK(adsc_compact_host(&c) == ADSC_OK);
+    for (i = 0; i < 6; ++i) CHECK(out[i] == 100.0 + f.source[T + i]);
+  }
+}
+
+/* Without a GPU (or without CUDA in the library) the *_device calls fail cleanly. With a GPU
+ * they are exercised by the C++ CUDA tests and the cpp_service example instead. */
+static int gpu_present(void) {
+#if defined(ADSC_TEST_HAVE_CUDART)
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+#else
+  return 0;
+#endif
+}
+
+static void device_calls_without_gpu(void) {
+  plan_fixture f;
+  adsc_status st;
+  if (gpu_present()) {
+    printf("device_calls_without_gpu: a GPU is present, nothing to check\n");
+    return;
+  }
+  make_plan(&f);
+  st = adsc_plan_device(&f.p, NULL);
+  CHECK(st == (adsc_cuda_compiled() ? ADSC_CUDA_ERROR : ADSC_NOT_COMPILED));
+  CHECK(strlen(adsc_last_error()) > 0);
+  {
+    float src[2] = {0}, dst[2] = {0};
+    int32_t index[1] = {0};
+    int32_t flag = 0;
+    adsc_compact_params c = {src, 1, 8, dst, 1, 8, 8, index, 0};
+    st = adsc_compact_device(&c, &flag, NULL);
+    CHECK(st == (adsc_cuda_compiled() ? ADSC_CUDA_ERROR : ADSC_NOT_COMPILED));
+  }
+}
+
+static char thread_message[256];
+
+static void* fail_in_thread(void* arg) {
+  adsc_schedule s;
+  (void)arg;
+  strcpy(thread_message, adsc_last_error()); /* nothing failed on this thread yet */
+  CHECK(adsc_schedule_parse("5:5", &s) == ADSC_INVALID_ARGUMENT);
+  return NULL;
+}
+
+static void last_error_is_per_thread(void) {
+  adsc_schedule s;
+  pthread_t thread;
+  CHECK(adsc_schedule_parse("0:2", &s) == ADSC_INVALID_ARGUMENT);
+  CHECK(pthread_create(&thread, NULL, fail_in_thread, NULL) == 0);
+  CHECK(pthread_join(thread, NULL) == 0);
+  CHECK(strcmp(thread_message, "") == 0);
+  CHECK(strstr(adsc_last_error(), "layer must be >= 1") != NULL); /* untouched by the thread */
+}
+
+int main(int argc, char** argv) {
+  static const struct { const char* name; void (*run)(void); } cases[] = {
+      {"version_and_names", version_and_names},
+      {"schedules", schedules},
+      {"null_pointers", null_pointers},
+      {"sizes_that_do_not_match", sizes_that_do_not_match},
+      {"host_plan_compact_and_kv", host_plan_compact_and_kv},
+      {"device_calls_without_gpu", device_calls_without_gpu},
+      {"last_error_is_per_thread", last_error_is_per_thread},
+  };
+  size_t i;
+  for (i = 0; argc == 2 && i < sizeof(cases) / sizeof(cases[0]); ++i) {
+    if (strcmp(argv[1], cases[i].name) == 0) {
+      cases[i].run();
+      printf("%s: %s\n", argv[1], failures ? "FAILED" : "passed");
+      return failures ? 1 : 0;
+    }
+  }
+  fprintf(stderr, "usage: %s <case>\n", argv[0]);
+  return 2;
+}
