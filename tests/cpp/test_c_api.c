@@ -144,6 +144,10 @@ static void sizes_that_do_not_match(void) {
   make_plan(&f);
   f.p.grid_w = 3; /* the run of 4 image tokens is not whole 2x3 images */
   CHECK_FAILS(adsc_plan_host(&f.p), ADSC_INVALID_INPUT, "a run of 4 image tokens (id 9) at position 1");
+  /* The summary names the failing sequence for a service to reject just that request. */
+  CHECK(f.summary[ADSC_PLAN_SUMMARY_ERROR] == ADSC_PLAN_PARTIAL_IMAGE);
+  CHECK(f.summary[ADSC_PLAN_SUMMARY_ERROR + 1] == 0 && f.summary[ADSC_PLAN_SUMMARY_ERROR + 2] == 1 &&
+        f.summary[ADSC_PLAN_SUMMARY_ERROR + 3] == 4);
   {
     float src[6] = {1, 2, 3, 4, 5, 6}, dst[4] = {9, 9, 9, 9};
     int32_t index[2] = {0, 3}; /* src has 3 rows */
@@ -170,8 +174,11 @@ static void host_plan_compact_and_kv(void) {
   CHECK(adsc_plan_host(&f.p) == ADSC_OK);
   CHECK(adsc_plan_check_summary(f.summary, &f.p) == ADSC_OK);
   /* 2x2 image, factor 2 halves the width: columns 1 of both rows survive (positions 2 and 4). */
-  CHECK(adsc_plan_stage_tokens(f.summary, 0) == 8 && adsc_plan_stage_tokens(f.summary, 1) == 6);
-  CHECK(adsc_plan_stage_max_len(f.summary, 1) == 4);
+  CHECK(adsc_plan_stage_tokens(f.summary, 1, 0) == 8 && adsc_plan_stage_tokens(f.summary, 1, 1) == 6);
+  CHECK(adsc_plan_stage_max_len(f.summary, 1, 1) == 4);
+  CHECK(adsc_plan_stage_tokens(f.summary, 1, 2) == -1);  /* no stage 2 in a 1-step schedule */
+  CHECK(adsc_plan_stage_max_len(f.summary, 1, -1) == -1);
+  CHECK(f.summary[ADSC_PLAN_SUMMARY_ERROR] == ADSC_PLAN_OK);
   {
     const int64_t want_pos[6] = {0, 2, 4, 5, 0, 1};
     int i;

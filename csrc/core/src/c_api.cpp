@@ -16,6 +16,9 @@ namespace {
 static_assert(ADSC_MAX_STEPS == adsc::kMaxSteps, "adsc.h and schedule.h disagree on max steps");
 static_assert(static_cast<int>(ADSC_NOT_COMPILED) == static_cast<int>(adsc::Status::kNotCompiled),
               "adsc.h and status.h disagree on status codes");
+static_assert(static_cast<int>(ADSC_PLAN_SPAN_GRID) == adsc::kPlanSpanGrid &&
+                  static_cast<int>(ADSC_PLAN_PARTIAL_IMAGE) == adsc::kPlanPartialImage,
+              "adsc.h and plan.h disagree on plan error codes");
 
 adsc_status to_c(adsc::Status status) { return static_cast<adsc_status>(status); }
 
@@ -146,11 +149,13 @@ int64_t adsc_plan_workspace_size(int64_t num_tokens, int32_t num_steps) {
   return adsc::plan_workspace_size(num_tokens, num_steps);
 }
 int32_t adsc_plan_summary_size(int32_t num_steps) { return adsc::plan_summary_size(num_steps); }
-int32_t adsc_plan_stage_tokens(const int32_t* summary, int32_t stage) {
-  return summary ? summary[adsc::summary_tokens(stage)] : -1;
+int32_t adsc_plan_stage_tokens(const int32_t* summary, int32_t num_steps, int32_t stage) {
+  const bool ok = summary && stage >= 0 && stage <= num_steps && num_steps <= ADSC_MAX_STEPS;
+  return ok ? summary[adsc::summary_tokens(stage)] : -1;
 }
-int32_t adsc_plan_stage_max_len(const int32_t* summary, int32_t stage) {
-  return summary ? summary[adsc::summary_max_len(stage)] : -1;
+int32_t adsc_plan_stage_max_len(const int32_t* summary, int32_t num_steps, int32_t stage) {
+  const bool ok = summary && stage >= 0 && stage <= num_steps && num_steps <= ADSC_MAX_STEPS;
+  return ok ? summary[adsc::summary_max_len(stage)] : -1;
 }
 
 adsc_status adsc_plan_host(const adsc_plan_params* params) {

@@ -16,6 +16,8 @@
  *     work on `stream` (NULL: the default stream) and return without waiting.
  *   - Shapes are written beside each pointer, row-major: [T, ...] means T rows.
  *   - *_device functions return ADSC_NOT_COMPILED in a build without CUDA (adsc_cuda_compiled()).
+ *     Their `error_flag` (nullable) is a device pointer to an int32 the caller zeroes beforehand;
+ *     a kernel sets it to 1 on a bad index or slot and never resets it.
  */
 #ifndef ADSC_ADSC_H_
 #define ADSC_ADSC_H_
@@ -94,12 +96,14 @@ typedef enum adsc_mask_type { ADSC_MASK_UINT8 = 0, ADSC_MASK_INT32 = 1, ADSC_MAS
  * the slot: the gather index for compaction), source_index[s*T + j] (the row of the input) and
  * position_ids[s*T + j] (the token's original position id; RoPE is not re-indexed). Packed stages
  * are packed (slots 0 .. tokens(s)-1); padded stage s >= 1 is [B, max_len(s)], padded on the left
- * when pad_left, and padded stage 0 is the input layout. Padding slots hold -1, -1 and 1.
- * cu_seqlens_out[s*(B+1) + b] are the packed offsets of stage s. summary[] receives each stage's
- * token count and longest sequence (adsc_plan_stage_tokens / adsc_plan_stage_max_len) and the
- * data errors found (adsc_plan_check_summary). Images are runs of image_token_id in input_ids,
- * each run a whole number of grid_h x grid_w images in raster order, or, when input_ids is NULL,
- * the spans. Padding has no position: it neither splits nor ends a run. */
+ * when pad_left, and padded stage 0 is the input layout. Padding slots hold -1, -1 and 1; slots
+ * past a stage's layout (up to T) are not written. cu_seqlens_out[s*(B+1) + b] are the packed
+ * offsets of stage s. summary[] receives each stage's token count and longest sequence
+ * (adsc_plan_stage_tokens / adsc_plan_stage_max_len) and the data error found, if any (see
+ * adsc_plan_error). Images are runs of image_token_id in input_ids, each run a whole number of
+ * grid_h x grid_w images in raster order, or, when input_ids is NULL, the spans. Padding has no
+ * position: it neither splits nor ends a run. The plan uses the schedule's factors only: check its
+ * layers against the model with adsc_schedule_validate. */
 typedef struct adsc_plan_params {
   adsc_layout layout;
   int64_t num_tokens;            /* T */
@@ -124,20 +128,35 @@ typedef struct adsc_plan_params {
   int32_t* summary;              /* [adsc_plan_summary_size(num_steps)] out */
 } adsc_plan_params;
 
+/* The data error of a plan: summary[ADSC_PLAN_SUMMARY_ERROR] holds one of these and the next
+ * entries its details (sequence indices are those of the batch given), so a service can reject
+ * just the request at fault. */
+#define ADSC_PLAN_SUMMARY_ERROR 0
+typedef enum adsc_plan_error {
+  ADSC_PLAN_OK = 0,
+  ADSC_PLAN_BAD_CU_SEQLENS = 1,     /* details: b, cu_seqlens[b], cu_seqlens[b+1] */
+  ADSC_PLAN_PARTIAL_IMAGE = 2,      /* details: sequence, first position of the run, run length */
+  ADSC_PLAN_SPAN_OUT_OF_RANGE = 3,  /* details: span, sequence, start, h, w, sequence length */
+  ADSC_PLAN_SPAN_ORDER = 4,         /* details: span, sequence, start, previous sequence, previous end */
+  ADSC_PLAN_SPAN_GRID = 5           /* details: span, h, w */
+} adsc_plan_error;
+
 /* Elements (int32) of workspace a plan of num_tokens tokens and num_steps steps needs. */
 ADSC_API int64_t adsc_plan_workspace_size(int64_t num_tokens, int32_t num_steps);
 /* Elements (int32) of a plan's summary. */
 ADSC_API int32_t adsc_plan_summary_size(int32_t num_steps);
-/* Real tokens and longest sequence of stage `stage`, read from a host copy of the summary. */
-ADSC_API int32_t adsc_plan_stage_tokens(const int32_t* summary, int32_t stage);
-ADSC_API int32_t adsc_plan_stage_max_len(const int32_t* summary, int32_t stage);
+/* Real tokens and longest sequence of stage `stage` (0 .. num_steps), read from a host copy of the
+ * summary of a plan of num_steps steps; -1 for a NULL summary or a stage out of range. */
+ADSC_API int32_t adsc_plan_stage_tokens(const int32_t* summary, int32_t num_steps, int32_t stage);
+ADSC_API int32_t adsc_plan_stage_max_len(const int32_t* summary, int32_t num_steps, int32_t stage);
 /* Host plan: every pointer is host memory. Also reports data errors. */
 ADSC_API adsc_status adsc_plan_host(const adsc_plan_params* params);
 /* Device plan: every buffer pointer is device memory (params itself is host memory); one kernel
  * launch on `stream`. Copy summary to the host once it is done, then call adsc_plan_check_summary
  * for the data errors. */
 ADSC_API adsc_status adsc_plan_device(const adsc_plan_params* params, adsc_stream_t stream);
-/* Turns a host copy of a summary into a status (and a message for adsc_last_error). */
+/* Turns a host copy of a summary into a status (and a message for adsc_last_error). Only the
+ * scalar fields of params are read (the buffers may be device pointers). */
 ADSC_API adsc_status adsc_plan_check_summary(const int32_t* host_summary,
                                              const adsc_plan_params* params);
 
