@@ -62,7 +62,9 @@ def test_bad_cu_seqlens(device):
     ids = torch.ones(6, dtype=torch.int64, device=device)
     for cu, match in [([0, 4, 3, 6], r"never decrease.*cu_seqlens\[1\]=4, cu_seqlens\[2\]=3"),
                       ([1, 3, 6], r"start at 0"),
-                      ([0, 3, 5], r"end at the number of tokens \(6\)")]:
+                      ([0, 3, 5], r"end at the number of tokens \(6\)"),
+                      # several errors: the first sequence's is named (GPU as CPU)
+                      ([1, 0, 5, 0], r"cu_seqlens\[0\]=1, cu_seqlens\[1\]=0")]:
         both_raise(ValueError, match, input_ids=ids,
                    cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
                    image_token_id=IMG, grid=(2, 2))
@@ -79,6 +81,9 @@ def test_bad_spans(device):
         ([[1, 2, 1, 2], [1, 0, 1, 2]], r"sorted by \(sequence, start\)"),
         ([[1, 0, 1, 3], [1, 2, 1, 2]], r"must not overlap"),
         ([[1, 0, 1, 1]], r"1x1 grid that the schedule cannot downsample"),
+        ([[1, 2**63 - 3, 2, 2], [1, 0, 2, 2]], r"image span 0 .* does not fit"),  # no wrap-around
+        # Several bad spans: the first is named, on the GPU as on the CPU.
+        ([[0, 0, 1, 2], [1, 5, 2, 2], [2, 0, 1, 2]], r"image span 1 \(sequence 1, start 5"),
     ]
     for spans, match in cases:
         both_raise(ValueError, match, cu_seqlens=cu,
@@ -131,6 +136,12 @@ def test_raw_op_argument_errors():
         op(ids, cu.float(), None, 3, IMG, 2, 2, [2])
     with pytest.raises(ValueError, match="at most 16 steps"):
         op(ids, cu, None, 3, IMG, 2, 2, [2] * 17)
+    # Refused before anything is allocated for it.
+    with pytest.raises(ValueError, match=r"a plan takes 0 to \d+ tokens, got num_tokens=4294967296"):
+        op(None, cu, torch.zeros(0, 4, dtype=torch.int64), 2**32, IMG, 2, 2, [2])
+    # int64 offsets that would wrap when narrowed to int32.
+    with pytest.raises(ValueError, match=r"cu_seqlens must hold int32 offsets"):
+        op(ids, torch.tensor([0, 2**32 + 3]), None, 3, IMG, 2, 2, [2])
 
 
 @pytest.mark.cuda

@@ -3,6 +3,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
+#include <limits>
 #include <string>
 
 namespace adsc_torch {
@@ -67,6 +68,10 @@ void fill_images(adsc::PlanParams& p, const c10::optional<at::Tensor>& input_ids
 
 PlanTensors run_plan(const Backend& backend, adsc::PlanParams& p, const at::Device& device) {
   const int64_t stages = p.num_steps + 1, T = p.num_tokens;
+  // The sizes the core accepts, checked before anything is allocated for them.
+  TORCH_CHECK_VALUE(T >= 0 && T <= std::numeric_limits<int32_t>::max() / 2,
+                    "a plan takes 0 to ", std::numeric_limits<int32_t>::max() / 2,
+                    " tokens, got num_tokens=", T);
   const auto i32 = at::TensorOptions().dtype(at::kInt).device(device);
   at::Tensor workspace = at::empty({adsc::plan_workspace_size(T, p.num_steps)}, i32);
   // Slots past a stage's size are filled like padding, so the outputs are fully determined.
@@ -138,6 +143,13 @@ PlanTensors stage_plan_packed(const Backend& backend, const c10::optional<at::Te
                       input_ids->sizes());
   }
   if (image_spans.has_value()) check_device("image_spans", *image_spans, device);
+  if (cu_seqlens.scalar_type() == at::kLong && cu_seqlens.numel() > 0) {
+    // Narrowing to int32 must not wrap (one small synchronisation; pass int32 to avoid it).
+    const auto [lo, hi] = at::aminmax(cu_seqlens);
+    const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+    TORCH_CHECK_VALUE(lo_v >= 0 && hi_v <= std::numeric_limits<int32_t>::max(),
+                      "cu_seqlens must hold int32 offsets, got values in [", lo_v, ", ", hi_v, "]");
+  }
   at::Tensor cu = cu_seqlens.to(at::kInt).contiguous(), ids, spans;
   adsc::PlanParams p;
   p.layout = adsc::Layout::kPacked;

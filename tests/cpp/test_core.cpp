@@ -485,6 +485,13 @@ void plan_errors() {
   batch.images = {{1, 0, 1, 3}, {1, 2, 1, 2}};  // overlap
   p = make_params(batch, sched, true, &spans, &buf, 0, 0);
   CHECK_FAILS(adsc::plan_cpu(p), adsc::Status::kInvalidInput, "must not overlap");
+  // A start so large that start + h*w would wrap must not slip through the range and order checks.
+  batch.images = {{1, INT64_MAX - 2, 2, 2}, {1, 0, 2, 2}};
+  p = make_params(batch, sched, true, &spans, &buf, 0, 0);
+  CHECK_FAILS(adsc::plan_cpu(p), adsc::Status::kInvalidInput, "image span 0");
+  batch.images = {{1, 0, 2, 2}, {1, INT64_MAX - 2, 2, 2}};
+  p = make_params(batch, sched, true, &spans, &buf, 0, 0);
+  CHECK_FAILS(adsc::plan_cpu(p), adsc::Status::kInvalidInput, "image span 1");
   batch.images = {{1, 0, 2, 1}};  // 2x1: factor 2 halves rows (h > w): fine; 1x1 is not
   p = make_params(batch, sched, true, &spans, &buf, 0, 0);
   CHECK_OK(adsc::plan_cpu(p));

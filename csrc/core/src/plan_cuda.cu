@@ -53,6 +53,21 @@ __device__ void report(int32_t* summary, int32_t code, const int64_t* details, i
     for (int i = 0; i < n; ++i) summary[1 + i] = static_cast<int32_t>(details[i]);
 }
 
+constexpr long long kNoError = 0x7fffffffffffffffLL;
+
+// The smallest key over the block (kNoError if none). Errors are reported by the thread holding
+// the smallest key (the lowest sequence, span or run), so the GPU names the same error as the
+// CPU, which stops at the first one. Every thread calls it.
+__device__ long long block_min(long long key, long long* slot) {
+  if (threadIdx.x == 0) *slot = kNoError;
+  __syncthreads();
+  if (key != kNoError) atomicMin(slot, key);
+  __syncthreads();
+  const long long m = *slot;
+  __syncthreads();  // the slot is reused by the next call
+  return m;
+}
+
 __device__ bool failed(const int32_t* summary) {
   __syncthreads();
   return *reinterpret_cast<const volatile int32_t*>(summary) != kPlanOk;
@@ -61,6 +76,7 @@ __device__ bool failed(const int32_t* summary) {
 __global__ void __launch_bounds__(kThreads) plan_kernel(const PlanParams p) {
   __shared__ int64_t smem[kWarps];
   __shared__ int32_t max_lens[kMaxSteps + 1];
+  __shared__ long long first_error;
   const int64_t T = p.num_tokens, B = p.batch_size;
   const int S = p.num_steps;
   const int tid = threadIdx.x;
@@ -72,13 +88,15 @@ __global__ void __launch_bounds__(kThreads) plan_kernel(const PlanParams p) {
 
   // Phase 1: stage-0 ranks, offsets and positions.
   if (p.layout == Layout::kPacked) {
-    // The same checks, in the same terms, as plan_cpu.
-    for (int64_t b = tid; b < B; b += kThreads) {
+    // The same checks, in the same terms, as plan_cpu; the lowest bad sequence is reported.
+    long long bad = kNoError;
+    for (int64_t b = tid; b < B && bad == kNoError; b += kThreads) {
       const int32_t lo = p.cu_seqlens[b], hi = p.cu_seqlens[b + 1];
-      if ((b == 0 && lo != 0) || lo > hi || (b + 1 == B && hi != T)) {
-        const int64_t d[3] = {b, lo, hi};
-        report(p.summary, kPlanBadCuSeqlens, d, 3);
-      }
+      if ((b == 0 && lo != 0) || lo > hi || (b + 1 == B && hi != T)) bad = b;
+    }
+    if (block_min(bad, &first_error) == bad && bad != kNoError) {
+      const int64_t d[3] = {bad, p.cu_seqlens[bad], p.cu_seqlens[bad + 1]};
+      report(p.summary, kPlanBadCuSeqlens, d, 3);
     }
     if (B == 0 && tid == 0 && (p.cu_seqlens[0] != 0 || T != 0)) {
       const int64_t d[3] = {0, p.cu_seqlens[0], p.cu_seqlens[0]};
@@ -135,6 +153,7 @@ __global__ void __launch_bounds__(kThreads) plan_kernel(const PlanParams p) {
       const int64_t incl = block_scan(starts ? i : -1, Max(), smem, &total);
       const int64_t run_start = incl > carry ? incl : carry;
       carry = total > carry ? total : carry;
+      long long bad = kNoError;  // this token ends a run that is not whole images
       if (i < n) {
         const int64_t t = ws.real[i];
         if (!image) {
@@ -143,18 +162,25 @@ __global__ void __launch_bounds__(kThreads) plan_kernel(const PlanParams p) {
           ws.depth[t] = survived_steps(static_cast<int>((i - run_start) % hw), p.grid_h, p.grid_w,
                                        p.factors, S);
           const bool ends = i + 1 == cu0[b + 1] || !detail::is_image_token(p, ws.real[i + 1]);
-          if (ends && (i - run_start + 1) % hw != 0) {
-            const int64_t d[3] = {b, run_start - cu0[b], i - run_start + 1};
-            report(p.summary, kPlanPartialImage, d, 3);
-          }
+          if (ends && (i - run_start + 1) % hw != 0) bad = i;
         }
+      }
+      // The first bad run of the first chunk that has one (report() keeps the first writer).
+      if (block_min(bad, &first_error) == bad && bad != kNoError) {
+        const int64_t d[3] = {b, run_start - cu0[b], i - run_start + 1};
+        report(p.summary, kPlanPartialImage, d, 3);
       }
     }
   } else {
-    for (int64_t i = tid; i < p.num_spans; i += kThreads) {
+    long long bad = kNoError;  // the lowest bad span of this thread
+    for (int64_t i = tid; i < p.num_spans && bad == kNoError; i += kThreads) {
       int64_t d[6];
-      const int32_t code = detail::check_span(p, i, cu0, d);
-      if (code != kPlanOk) report(p.summary, code, d, 6);
+      if (detail::check_span(p, i, cu0, d) != kPlanOk) bad = i;
+    }
+    if (block_min(bad, &first_error) == bad && bad != kNoError) {
+      int64_t d[6];
+      const int32_t code = detail::check_span(p, bad, cu0, d);
+      report(p.summary, code, d, 6);
     }
     if (failed(p.summary)) return;
     for (int64_t t = tid; t < T; t += kThreads)

@@ -92,13 +92,18 @@ ADSC_HD int32_t check_span(const PlanParams& p, int64_t i, const int32_t* cu0, i
   const int64_t b = s[0], start = s[1], h = s[2], w = s[3];
   const int64_t len = (b >= 0 && b < p.batch_size) ? cu0[b + 1] - cu0[b] : -1;
   d[0] = i; d[1] = b; d[2] = start; d[3] = h; d[4] = w; d[5] = len;
-  if (len < 0 || start < 0 || h < 1 || w < 1 || h > (1 << 20) || w > (1 << 20) ||
-      start + h * w > len)
+  // Ordered so that nothing overflows, whatever the values: start <= len bounds the subtraction
+  // and sides <= 2^20 the product.
+  if (len < 0 || start < 0 || start > len || h < 1 || w < 1 || h > (1 << 20) || w > (1 << 20) ||
+      h * w > len - start)
     return kPlanSpanOutOfRange;
   if (i > 0) {
     const int64_t* q = p.spans + 4 * (i - 1);
-    const int64_t prev_end = q[1] + q[2] * q[3];
-    if (q[0] > b || (q[0] == b && prev_end > start)) {
+    // An insane predecessor reports its own range error first (it has the lower index).
+    const bool q_sane = q[1] >= 0 && q[1] <= (int64_t(1) << 40) && q[2] >= 1 &&
+                        q[2] <= (1 << 20) && q[3] >= 1 && q[3] <= (1 << 20);
+    const int64_t prev_end = q_sane ? q[1] + q[2] * q[3] : 0;
+    if (q[0] > b || (q_sane && q[0] == b && prev_end > start)) {
       d[3] = q[0]; d[4] = prev_end;
       return kPlanSpanOrder;
     }
