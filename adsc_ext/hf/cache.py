@@ -152,7 +152,7 @@ class AdscStaticCache(Cache):
 
     ``L_s`` is the prompt length of ``l``'s stage, known once the prefill has been planned; the
     buffers are allocated then (their size differs per stage, so the saving is real) and written in
-    place afterwards (``index_copy_``), which keeps decode shapes fixed for ``torch.compile``.
+    place afterwards (``index_copy_``), so decode allocates nothing and shapes stay fixed.
     The key masks are fixed-size too: ``valid[s]`` is ``[B, L_s + max_new_tokens]`` and filled in
     place. Create it with the number of tokens that will be generated::
 
@@ -160,7 +160,11 @@ class AdscStaticCache(Cache):
         model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
     """
 
-    is_compileable = True
+    # Not yet: the filled-slot counters are host ints (a new value every step), so a compiled
+    # decode step would be re-specialised each step, and compiling it has not been verified on a
+    # GPU. Claiming it would make generate() auto-compile on CUDA. The buffers already have fixed
+    # per-stage sizes; turning the counters into device tensors is what remains.
+    is_compileable = False
 
     def __init__(self, config, max_new_tokens: int, **kwargs):
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
