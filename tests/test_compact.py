@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import adsc_ext
 import adsc_ext.ops  # noqa: F401  (registers torch.ops.adsc.* and their fake/autograd kernels)
 from adsc_ext.reference import compact_tokens_reference
+from conftest import DEVICES
 
 compact_tokens = adsc_ext.compact_tokens
 ops = torch.ops.adsc
@@ -26,14 +27,6 @@ DTYPES = [
 ]
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 INDEX_DTYPES = [torch.int32, torch.int64]
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[pytest.mark.cuda,
-               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
-    ),
-]
 
 
 # ---- helpers -------------------------------------------------------------------------------------

@@ -787,14 +787,15 @@ def _run_decoder(text, setup: AdscSetup, hidden, seg: _Segment, kv, cache, use_c
         if s is not None:
             idx = seg.stages[s].index
             if idx is not None:
+                # Plan indices are in range by construction: no range check, so no GPU sync here.
                 if packed:
-                    hidden = compact_tokens(hidden[0], idx).unsqueeze(0)
-                    cos = compact_tokens(cos[0], idx).unsqueeze(0)
-                    sin = compact_tokens(sin[0], idx).unsqueeze(0)
+                    hidden = compact_tokens(hidden[0], idx, check_index=False).unsqueeze(0)
+                    cos = compact_tokens(cos[0], idx, check_index=False).unsqueeze(0)
+                    sin = compact_tokens(sin[0], idx, check_index=False).unsqueeze(0)
                 else:
-                    hidden = compact_tokens(hidden, idx)
-                    cos = compact_tokens(cos, idx)
-                    sin = compact_tokens(sin, idx)
+                    hidden = compact_tokens(hidden, idx, check_index=False)
+                    cos = compact_tokens(cos, idx, check_index=False)
+                    sin = compact_tokens(sin, idx, check_index=False)
             mask, pos, extra = stage_inputs(s)
         lkw = dict(attention_mask=mask, position_ids=pos, use_cache=use_cache, position_embeddings=(cos, sin))
         lkw[setup.cache_kw] = cache

@@ -106,6 +106,14 @@ bool row_layout(const at::Tensor& t, int64_t* row_bytes, int64_t* row_stride) {
   return t.size(0) <= 1 || *row_stride >= *row_bytes;
 }
 
+// An input as rows the core can read: itself when row_layout accepts it, else a contiguous copy.
+at::Tensor as_rows(const at::Tensor& t, int64_t* row_bytes, int64_t* row_stride) {
+  if (row_layout(t, row_bytes, row_stride)) return t;
+  at::Tensor copy = t.contiguous();
+  row_layout(copy, row_bytes, row_stride);
+  return copy;
+}
+
 void check_index(const at::Tensor& index, const at::Device& device) {
   TORCH_CHECK_TYPE(index.scalar_type() == at::kInt || index.scalar_type() == at::kLong,
                    "index must be int32 or int64, got ", index.scalar_type());
@@ -216,11 +224,7 @@ void compact_tokens_out(const Backend& backend, const at::Tensor& x_in, const at
   TORCH_CHECK_VALUE(row_layout(out, &out_row_bytes, &out_stride),
                     "out must be contiguous in its dims after the first, got strides ", out.strides());
   at::assert_no_overlap(out, x_in);
-  at::Tensor x = x_in;
-  if (!row_layout(x, &row_bytes, &src_stride)) {  // rows must be contiguous for the core
-    x = x.contiguous();
-    row_layout(x, &row_bytes, &src_stride);
-  }
+  const at::Tensor x = as_rows(x_in, &row_bytes, &src_stride);
   const at::Tensor index = index_in.contiguous();
   adsc::GatherRowsParams p;
   p.src = x.data_ptr();
@@ -311,16 +315,9 @@ void write_paged_kv(const Backend& backend, const at::Tensor& key_in, const at::
   TORCH_CHECK_VALUE(slot_mapping_in.dim() == 1 && slot_mapping_in.size(0) == key_in.size(0),
                     "slot_mapping must be [", key_in.size(0), "] (one slot per token), got ",
                     slot_mapping_in.sizes());
-  at::Tensor key = key_in, value = value_in;
   int64_t row_bytes = 0, key_stride = 0, value_stride = 0;
-  if (!row_layout(key, &row_bytes, &key_stride)) {
-    key = key.contiguous();
-    row_layout(key, &row_bytes, &key_stride);
-  }
-  if (!row_layout(value, &row_bytes, &value_stride)) {
-    value = value.contiguous();
-    row_layout(value, &row_bytes, &value_stride);
-  }
+  const at::Tensor key = as_rows(key_in, &row_bytes, &key_stride);
+  const at::Tensor value = as_rows(value_in, &row_bytes, &value_stride);
   const at::Tensor slots = slot_mapping_in.contiguous();
   adsc::PagedKVParams p;
   p.key = key.data_ptr();
