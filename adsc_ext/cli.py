@@ -2,8 +2,9 @@
 
 - ``adsc plan``: per-stage token counts, decoder FLOPs and KV-cache bytes of one prefill, baseline
   against ADSC (spec section 7). Needs neither torch kernels nor the compiled extension.
-- ``adsc generate``: provided by :mod:`adsc_ext.hf.generate_cli`, imported only when it runs, so
-  ``adsc plan`` keeps working (and stays fast) without it.
+- ``adsc generate`` (:mod:`adsc_ext.hf.generate_cli`) and ``adsc bench``
+  (:mod:`adsc_ext.runtime.bench_cli`) are imported only when they run, so ``adsc plan`` keeps
+  working (and stays fast) without them.
 
 Every error is one line ``adsc: error: ...`` on stderr and exit status 2, never a traceback.
 """
@@ -11,6 +12,7 @@ Every error is one line ``adsc: error: ...`` on stderr and exit status 2, never 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from typing import Any, Optional, Sequence
@@ -21,6 +23,14 @@ from adsc_ext.schedule import LLAVA15_DEFAULT, Schedule, ScheduleError
 __all__ = ["main", "format_report"]
 
 _USAGE_ERROR = 2
+
+# Subcommands whose module (with add_arguments(parser) and run(args) -> int) is imported only when
+# the subcommand runs, so `adsc plan` needs neither torch kernels nor transformers.
+_DELEGATED = {
+    "generate": ("adsc_ext.hf.generate_cli", "Generate text with an ADSC model."),
+    "bench": ("adsc_ext.runtime.bench_cli",
+              "Benchmark the ADSC engine against the unmodified model (JSON + plot)."),
+}
 
 
 class CliError(Exception):
@@ -36,7 +46,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _build_parser() -> _Parser:
     parser = _Parser(prog="adsc", description="ADSC (Attention-Driven Self-Compression) tools.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{plan,generate}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{plan,generate,bench}")
 
     plan = commands.add_parser(
         "plan",
@@ -60,8 +70,9 @@ def _build_parser() -> _Parser:
     )
     plan.add_argument("--json", action="store_true", help="print one JSON object")
 
-    # No help of its own: every argument, --help included, goes to the generate parser.
-    commands.add_parser("generate", add_help=False, help="generate text with ADSC (see its --help)")
+    # No help of their own: every argument, --help included, goes to the delegate's parser.
+    for name, (_, summary) in _DELEGATED.items():
+        commands.add_parser(name, add_help=False, help=f"{summary} (see its --help)")
     return parser
 
 
@@ -70,8 +81,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args, rest = _build_parser().parse_known_args(argv)
-        if args.command == "generate":
-            return _generate(rest)
+        if args.command in _DELEGATED:
+            return _delegate(args.command, rest)
         if rest:
             raise CliError(f"unrecognized arguments: {' '.join(rest)}")
         return _plan(args)
@@ -92,14 +103,15 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(argv: list[str]) -> int:
+def _delegate(command: str, argv: list[str]) -> int:
+    module_name, summary = _DELEGATED[command]
     try:
-        from adsc_ext.hf import generate_cli
+        module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise CliError(f"'adsc generate' is unavailable: {exc}") from None
-    parser = _Parser(prog="adsc generate", description="Generate text with an ADSC model.")
-    generate_cli.add_arguments(parser)
-    return generate_cli.run(parser.parse_args(argv))
+        raise CliError(f"'adsc {command}' is unavailable: {exc}") from None
+    parser = _Parser(prog=f"adsc {command}", description=summary)
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(argv))
 
 
 def _format_bytes(n: int) -> str:

@@ -137,24 +137,27 @@ def test_bad_config_file_gives_one_line_error(capsys, tmp_path):
     assert "not valid JSON" in err
 
 
-def test_generate_without_its_module_is_a_one_line_error(capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "adsc_ext.hf", None)  # makes the import fail
-    code, out, err = run(capsys, "generate", "--prompt", "hi")
+@pytest.mark.parametrize("command, module", [("generate", "adsc_ext.hf.generate_cli"),
+                                             ("bench", "adsc_ext.runtime.bench_cli")])
+def test_delegate_without_its_module_is_a_one_line_error(capsys, monkeypatch, command, module):
+    monkeypatch.setitem(sys.modules, module, None)  # makes the import fail
+    code, out, err = run(capsys, command, "--prompt", "hi")
     assert_one_line_error(code, out, err)
-    assert "'adsc generate' is unavailable" in err
+    assert f"'adsc {command}' is unavailable" in err
 
 
-def test_generate_dispatches_to_its_module(capsys, monkeypatch):
+@pytest.mark.parametrize("command, module", [("generate", "adsc_ext.hf.generate_cli"),
+                                             ("bench", "adsc_ext.runtime.bench_cli")])
+def test_delegate_dispatches_to_its_module(capsys, monkeypatch, command, module):
     seen = []
-    generate_cli = types.SimpleNamespace(
+    fake = types.SimpleNamespace(
         add_arguments=lambda parser: parser.add_argument("--prompt", required=True),
         run=lambda args: seen.append(args.prompt) or 0,
     )
-    fake_hf = types.SimpleNamespace(generate_cli=generate_cli)
-    monkeypatch.setitem(sys.modules, "adsc_ext.hf", fake_hf)
-    assert run(capsys, "generate", "--prompt", "hi")[0] == 0
+    monkeypatch.setitem(sys.modules, module, fake)
+    assert run(capsys, command, "--prompt", "hi")[0] == 0
     assert seen == ["hi"]
-    code, out, err = run(capsys, "generate", "--bogus")
+    code, out, err = run(capsys, command, "--bogus")
     assert_one_line_error(code, out, err)
 
 

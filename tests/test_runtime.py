@@ -1,0 +1,353 @@
+"""Tests of adsc_ext.runtime (the serving engine): CPU, fp32, tiny random LLaVA models."""
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+
+from adsc_ext.hf import apply_adsc  # noqa: E402
+from adsc_ext.hf.tiny import TinyProcessor, tiny_llava  # noqa: E402
+from adsc_ext.runtime import (  # noqa: E402
+    Attention, Engine, EngineInputError, KVCapacityError, StagedKVPool, select_backend,
+)
+from adsc_ext.runtime.attention import paged_decode_gather  # noqa: E402
+
+ROWS = [("ab", 1, "cd"), ("", 0, "plain text row"), ("x", 2, "y?")]  # 1, 0 and 2 images
+SCHED = "2:2,4:2"
+
+
+def make(side=4, impl="sdpa", seed=0):
+    return tiny_llava(seed=seed, attn_implementation=impl, grid_side=side)
+
+
+def requests(model, rows=ROWS, seed=0):
+    """Engine requests and the equivalent left-padded HF batch (same processed pixels)."""
+    proc = TinyProcessor(model.config)
+    side = model.config.vision_config.image_size
+    n = sum(k for _, k, _ in rows)
+    g = torch.Generator().manual_seed(seed)
+    pix = proc.images(list(torch.rand(n, 3, side, side, generator=g))) if n else None
+    reqs, i = [], 0
+    for before, k, after in rows:
+        text = before + "<image>" * k + after
+        reqs.append(dict(input_ids=torch.tensor(proc.encode(text, k)), pixel_values=pix[i:i + k] if k else None))
+        i += k
+    batch = proc([b + "<image>" * k + a for b, k, a in rows], images=list(pix) if n else None)
+    if n:
+        batch["pixel_values"] = pix
+    return reqs, batch
+
+
+def hf_generate(model, batch, n):
+    with torch.no_grad():
+        g = model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           suppress_tokens=[model.config.image_token_id])
+    return g[:, batch["input_ids"].shape[1]:].tolist()
+
+
+def recompute(model, req, n):
+    """Spec 6.2 oracle: the whole sequence re-run with the schedule (HF path, no cache) per step."""
+    ids = req["input_ids"][None]
+    out = []
+    for _ in range(n):
+        with torch.no_grad():
+            o = model(input_ids=ids, pixel_values=req["pixel_values"], use_cache=False)
+        last = o.logits[0, -1].clone()
+        last[model.config.image_token_id] = -float("inf")
+        out.append(int(last.argmax()))
+        ids = torch.cat([ids, torch.tensor([[out[-1]]])], 1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make()
+
+
+# ---- correctness ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("side,schedule,block_size", [(4, SCHED, 4), (4, "3:4", 16), (5, "1:2,3:4", 3)])
+def test_engine_equals_hf_adsc_generate_and_recompute(side, schedule, block_size):
+    m = make(side)
+    reqs, batch = requests(m)
+    eng = Engine(m, schedule, block_size=block_size)
+    assert eng.backend == "sdpa"
+    got = eng.generate(reqs, max_new_tokens=5)
+    apply_adsc(m, schedule)
+    assert got == hf_generate(m, batch, 5)
+    for r, toks in zip(reqs, got):
+        assert toks == recompute(m, r, 5)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_empty_schedule_equals_unmodified_model(impl):
+    m = make(impl=impl)
+    reqs, batch = requests(m)
+    got = Engine(m, "", block_size=4).generate(reqs, max_new_tokens=5)
+    assert got == hf_generate(m, batch, 5)  # plain transformers LLaVA, left-padded batch
+
+
+def test_engine_cache_equals_engine_recompute(model):
+    """Spec 6.2 with the engine itself: one prefill per step over prompt + tokens so far."""
+    reqs, _ = requests(model)
+    eng = Engine(model, SCHED, block_size=4)
+    got = eng.generate(reqs, max_new_tokens=4)
+    for r, toks in zip(reqs, got):
+        ids, out = r["input_ids"], []
+        for _ in range(4):
+            t = eng.generate([dict(r, input_ids=ids)], max_new_tokens=1)[0][0]
+            out.append(t)
+            ids = torch.cat([ids, torch.tensor([t])])
+        assert out == toks
+
+
+def test_batch_equals_alone_and_continuous_batching(model):
+    reqs, _ = requests(model)
+    eng = Engine(model, SCHED, block_size=4)
+    full = eng.generate(reqs, max_new_tokens=6)
+    alone = [eng.generate([r], max_new_tokens=6)[0] for r in reqs]
+    assert full == alone
+    # Two slots: request 0 stops after 2 tokens, so request 2 joins while request 1 is decoding.
+    reqs2 = [dict(reqs[0], max_new_tokens=2), reqs[1], reqs[2]]
+    got = Engine(model, SCHED, block_size=4, max_batch_size=2).generate(reqs2, max_new_tokens=6)
+    assert got == [full[0][:2], full[1], full[2]]
+    eng2 = Engine(model, SCHED, block_size=4, max_batch_size=2)
+    eng2.generate(reqs2, max_new_tokens=6)
+    assert eng2.stats["admitted_per_prefill"] == [[0, 1], [2]]
+    assert eng2.stats["prefills"] == 2
+
+
+def test_eos_stops_a_request(model):
+    reqs, _ = requests(model)
+    eng = Engine(model, SCHED)
+    full = eng.generate(reqs, max_new_tokens=6)
+    eos = full[1][2]
+    got = eng.generate(reqs, max_new_tokens=6, eos_token_id=eos)
+    cut = full[1][: full[1].index(eos) + 1]
+    assert got[1] == cut
+
+
+def test_sampling_is_seeded_and_valid(model):
+    reqs, _ = requests(model)
+    eng = Engine(model, SCHED)
+    a = eng.generate(reqs, max_new_tokens=4, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    b = eng.generate(reqs, max_new_tokens=4, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    assert a == b
+    tok = model.config.image_token_id
+    assert all(0 <= t < model.config.text_config.vocab_size and t != tok for row in a for t in row)
+
+
+# ---- the staged paged cache ------------------------------------------------------------------------
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_pools_are_sized_per_stage_and_kv_saving_is_real(model, block_size):
+    reqs, _ = requests(model)
+    new = 5
+    eng = Engine(model, SCHED, block_size=block_size)
+    base = Engine(model, "", block_size=block_size)
+    eng.generate(reqs, max_new_tokens=new)
+    base.generate(reqs, max_new_tokens=new)
+    pool = eng.last_pool
+    lens = [eng.stage_lengths(r["input_ids"]) for r in reqs]
+    for s, sp in enumerate(pool.pools):
+        want = sum(-(-(L[s] + new) // block_size) for L in lens)
+        assert sp.num_blocks == want
+        assert sp.layers == [l for l in range(6) if eng.stage_of_layer[l] == s]
+    assert eng.stats["peak_kv_bytes"] == pool.total_bytes() < base.stats["peak_kv_bytes"]
+    if block_size == 1:  # no rounding: exactly the analytic KV bytes of spec section 5
+        per_tok = eng.kv_bytes_per_token()
+        assert eng.stats["peak_kv_bytes"] == eng.analytic_kv_tokens(reqs, new) * per_tok
+        assert base.stats["peak_kv_bytes"] == base.analytic_kv_tokens(reqs, new) * per_tok
+        ratio = eng.analytic_kv_tokens(reqs, new) / base.analytic_kv_tokens(reqs, new)
+        assert eng.stats["peak_kv_bytes"] / base.stats["peak_kv_bytes"] == pytest.approx(ratio)
+        assert ratio < 0.85
+
+
+def test_fixed_pool_blocks_freed_after_finish(model):
+    reqs, _ = requests(model)
+    eng = Engine(model, SCHED, block_size=4, num_blocks=[40, 30, 20])
+    free0 = eng.pool.num_free_blocks()
+    got = eng.generate(reqs, max_new_tokens=4)
+    assert eng.pool.num_free_blocks() == free0 and eng.pool.tables == {}
+    assert eng.stats["peak_kv_bytes"] > 0
+    assert got == Engine(model, SCHED, block_size=4).generate(reqs, max_new_tokens=4)
+
+
+def test_small_pool_serves_requests_one_after_another(model):
+    reqs, _ = requests(model)
+    want = Engine(model, SCHED, block_size=4).generate(reqs, max_new_tokens=4)
+    # Room for about one request at a time: the others wait for blocks to be freed.
+    eng = Engine(model, SCHED, block_size=4, num_blocks=[14, 9, 7])
+    assert eng.generate(reqs, max_new_tokens=4) == want
+    assert eng.stats["prefills"] >= 2
+    assert eng.pool.tables == {}
+
+
+def test_allocator_is_all_or_nothing():
+    pool = StagedKVPool([[0, 1], [2]], [4, 2], block_size=2, num_kv_heads=1, head_dim=2)
+    pool.allocate("a", [3, 3])
+    with pytest.raises(KVCapacityError, match="stage 1"):
+        pool.allocate("b", [2, 2])
+    assert pool.num_free_blocks() == [2, 0] and list(pool.tables) == ["a"]
+    assert pool.slots("a", 0, 1, 2) == [1, 2]
+    pool.free("a")
+    assert pool.num_free_blocks() == [4, 2]
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+def test_request_too_large_for_cache_is_a_clear_error_and_pool_intact(model):
+    reqs, _ = requests(model)
+    eng = Engine(model, SCHED, block_size=4, num_blocks=[8, 8, 8])
+    free0 = eng.pool.num_free_blocks()
+    k0 = eng.pool.pools[0].k[0].clone()
+    with pytest.raises(KVCapacityError, match="request 2: needs .* can never be served"):
+        eng.generate(reqs, max_new_tokens=4)
+    assert eng.pool.num_free_blocks() == free0 and eng.pool.tables == {}
+    assert torch.equal(eng.pool.pools[0].k[0], k0)
+    # The others still run; with return_exceptions the failing one gets its error.
+    out = eng.generate(reqs, max_new_tokens=4, return_exceptions=True)
+    assert isinstance(out[2], KVCapacityError)
+    want = Engine(model, SCHED).generate(reqs[:2], max_new_tokens=4)
+    assert out[:2] == want
+    assert eng.pool.num_free_blocks() == free0
+
+
+def test_images_that_do_not_match(model):
+    reqs, _ = requests(model)
+    eng = Engine(model, SCHED)
+    bad = dict(reqs[2], pixel_values=reqs[2]["pixel_values"][:1])
+    with pytest.raises(EngineInputError, match="request 1: input_ids hold 2 image"):
+        eng.generate([reqs[0], bad], max_new_tokens=2)
+    with pytest.raises(EngineInputError, match="images must be 16x16"):
+        eng.generate([dict(reqs[0], pixel_values=torch.zeros(1, 3, 8, 8))], max_new_tokens=2)
+    with pytest.raises(EngineInputError, match="whole images"):
+        eng.generate([dict(input_ids=reqs[0]["input_ids"][:-4], pixel_values=None)], max_new_tokens=2)
+    with pytest.raises(EngineInputError, match="1-D"):
+        eng.generate([dict(input_ids=torch.zeros(2, 3, dtype=torch.long))], max_new_tokens=2)
+    out = eng.generate([reqs[0], bad, reqs[1]], max_new_tokens=3, return_exceptions=True)
+    assert isinstance(out[1], EngineInputError)
+    assert [out[0], out[2]] == eng.generate([reqs[0], reqs[1]], max_new_tokens=3)
+
+
+def test_backend_selection(model):
+    assert select_backend(None, "cpu") == "sdpa"
+    with pytest.raises(ValueError, match="unknown attention backend 'xformers'"):
+        Engine(model, SCHED, backend="xformers")
+    for name in ("flash_attn", "torch_varlen"):
+        with pytest.raises(ValueError, match="needs"):
+            Attention(name, "cpu")
+
+
+# ---- attention kernels against dense references ------------------------------------------------
+def test_varlen_prefill_and_paged_decode_match_dense():
+    g = torch.Generator().manual_seed(0)
+    H, Hkv, D = 4, 2, 8
+    lens = [5, 1, 7]
+    cu = torch.tensor([0, 5, 6, 13], dtype=torch.int32)
+    q, k, v = (torch.randn(13, h, D, generator=g) for h in (H, Hkv, Hkv))
+    out = Attention("sdpa").varlen_prefill(q, k, v, cu, 7, 0.3)
+    for i, n in enumerate(lens):
+        a = int(cu[i])
+        kk = k[a:a + n].repeat_interleave(2, 1)
+        vv = v[a:a + n].repeat_interleave(2, 1)
+        s = torch.einsum("qhd,khd->hqk", q[a:a + n], kk) * 0.3
+        s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), -float("inf"))
+        ref = torch.einsum("hqk,khd->qhd", s.softmax(-1), vv)
+        torch.testing.assert_close(out[a:a + n], ref)
+    # paged decode: sequence i's keys live in scattered blocks
+    bs = 2
+    kc, vc = torch.zeros(10, bs, Hkv, D), torch.zeros(10, bs, Hkv, D)
+    tables = [[3, 7, 1], [9], [0, 2, 4, 6]]
+    seq_lens = [5, 1, 7]
+    qd = torch.randn(3, H, D, generator=g)
+    for i, (t, n) in enumerate(zip(tables, seq_lens)):
+        a = int(cu[i])
+        for j in range(n):
+            kc[t[j // bs], j % bs] = k[a + j]
+            vc[t[j // bs], j % bs] = v[a + j]
+    bt = torch.zeros(3, 4, dtype=torch.int32)
+    for i, t in enumerate(tables):
+        bt[i, : len(t)] = torch.tensor(t)
+    o = paged_decode_gather(qd, kc, vc, bt, torch.tensor(seq_lens, dtype=torch.int32), 0.3)
+    for i, n in enumerate(seq_lens):
+        a = int(cu[i])
+        kk = k[a:a + n].repeat_interleave(2, 1)
+        vv = v[a:a + n].repeat_interleave(2, 1)
+        s = torch.einsum("hd,khd->hk", qd[i], kk) * 0.3
+        torch.testing.assert_close(o[i], torch.einsum("hk,khd->hd", s.softmax(-1), vv))
+
+
+# ---- the benchmark entry point (not timed: checks that it runs and what it writes) -----------------
+def test_bench_tiny_writes_the_record(tmp_path, capsys):
+    import argparse
+    import json
+
+    from adsc_ext.runtime import bench_cli
+
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    args = parser.parse_args(["--tiny", "--out-dir", str(tmp_path), "--new-tokens", "2", "--repeats", "1",
+                              "--prefill-batch", "2", "--decode-batch", "3", "--text-tokens", "8", "--no-progress"])
+    assert bench_cli.run(args) == 0
+    (path,) = tmp_path.glob("*.json")
+    res = json.loads(path.read_text())
+    assert {"device", "torch", "cuda", "date", "command", "records"} <= set(res)
+    metrics = {r["metric"]: r for r in res["records"]}
+    for m in ("prefill_seconds_b2", "decode_tokens_per_s_b3", "peak_kv_bytes", "compact_bandwidth_fraction"):
+        assert {"metric", "unit", "baseline", "adsc", "config"} <= set(metrics[m])
+    kv = metrics["peak_kv_bytes"]
+    assert kv["adsc"] < kv["baseline"]
+    assert kv["config"]["ratio_error"] < 0.05  # 16-token block rounding on a tiny batch
+
+
+def test_flash_and_torch_varlen_wiring_with_stand_ins(monkeypatch, model):
+    """The CUDA backends' call wiring, checked on the CPU with stand-ins of the documented APIs."""
+    import sys
+    import types
+
+    import torch.nn.functional as F
+
+    from adsc_ext.runtime import attention as A
+
+    def dense_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal):
+        assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and causal
+        assert max_q == int((cu_q[1:] - cu_q[:-1]).max())
+        out = torch.empty_like(q)
+        for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            rep = q.shape[1] // k.shape[1]
+            o = F.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1)[None], k[a:b].repeat_interleave(rep, 1).transpose(0, 1)[None],
+                v[a:b].repeat_interleave(rep, 1).transpose(0, 1)[None], is_causal=True, scale=scale)
+            out[a:b] = o[0].transpose(0, 1)
+        return out
+
+    def flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
+        return dense_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal)
+
+    calls = []
+
+    def flash_kvcache(q, k_cache, v_cache, cache_seqlens=None, block_table=None, softmax_scale=None, causal=False):
+        calls.append(k_cache.shape[1])
+        assert q.dim() == 4 and q.shape[1] == 1 and block_table.dtype == torch.int32
+        o = paged_decode_gather(q[:, 0], k_cache, v_cache, block_table, cache_seqlens, softmax_scale)
+        return o[:, None]
+
+    fake = types.ModuleType("flash_attn")
+    fake.flash_attn_varlen_func = flash_varlen
+    fake.flash_attn_with_kvcache = flash_kvcache
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    monkeypatch.setattr(A, "_unavailable_reason", lambda name, device: None)
+
+    import torch.nn.attention.varlen as tv
+
+    def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False, **kw):
+        assert window_size == (-1, 0) and enable_gqa == (q.shape[1] != k.shape[1])
+        return dense_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, True)
+
+    monkeypatch.setattr(tv, "varlen_attn", torch_varlen)
+    reqs, _ = requests(model)
+    want = Engine(model, SCHED, block_size=4).generate(reqs, max_new_tokens=4)
+    for backend, bs in (("flash_attn", 256), ("flash_attn", 4), ("torch_varlen", 4)):
+        eng = Engine(model, SCHED, backend=backend, block_size=bs)
+        assert eng.backend == backend
+        assert eng.generate(reqs, max_new_tokens=4) == want
+    assert calls and set(calls) == {256}  # paged flash decode only with 256-token blocks
