@@ -14,7 +14,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from adsc_ext.accounting import (
     PRESETS,
-    ModelSpec,
     ModelSpecError,
     layer_flops,
     layer_kv_bytes,

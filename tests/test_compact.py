@@ -736,6 +736,17 @@ def test_backward_empty_index(device):
     assert torch.equal(x.grad, torch.zeros(5, 4, device=device))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_source_with_strided_features(device):
+    """0 source rows, features not contiguous, all -1: zero rows of the right size (found by
+    hypothesis: the row size was once taken as 0, leaving the output uninitialised)."""
+    x = make_x((0, 2, 3), torch.float32, device)[..., :1]
+    out = compact_tokens(x, idx([-1, -1], device=device))
+    assert out.shape == (2, 2, 1) and torch.equal(out, torch.zeros_like(out))
+    buf = torch.full((2, 2, 1), 7.0, device=device)
+    assert torch.equal(compact_tokens(x, idx([-1, -1], device=device), out=buf), torch.zeros_like(buf))
+
+
 def test_out_refuses_autograd():
     """out= cannot carry a gradient: refused instead of silently dropping it."""
     x = torch.randn(6, 4, requires_grad=True)

@@ -9,7 +9,7 @@ import torch
 
 from adsc_ext.reference import kept_image_indices
 from adsc_ext.schedule import Schedule
-from adsc_ext.hf.tiny import BOS, PAD, TinyProcessor, tiny_llava
+from adsc_ext.hf.tiny import TinyProcessor, tiny_llava
 
 
 def make_model(side=4, impl="sdpa", seed=0, num_layers=6):

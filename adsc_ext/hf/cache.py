@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence
 import torch
 
 try:  # transformers is an optional dependency of adsc_ext
-    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticLayer
+    from transformers.cache_utils import Cache, DynamicCache, StaticLayer
 except ImportError as exc:  # pragma: no cover - exercised only without transformers
     raise ImportError("adsc_ext.hf needs the 'transformers' package (>= 5.17)") from exc
 

@@ -31,9 +31,8 @@ schedule the layout is the input's.
 from __future__ import annotations
 
 import inspect
-import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -206,6 +205,23 @@ def _adsc_class(base: type) -> type:
     return cls
 
 
+def resolve_schedule(config, schedule, num_layers: int, grid) -> Tuple[Schedule, list]:
+    """The schedule to run (the argument, else ``config.adsc_schedule``, else ``LLAVA15_DEFAULT``),
+    checked against the model: ``(schedule, stage infos)``; ScheduleError names the model's shape."""
+    if schedule is None:
+        schedule = getattr(config, "adsc_schedule", None)
+        if schedule is None:
+            schedule = LLAVA15_DEFAULT
+    sched = Schedule.coerce(schedule)
+    try:
+        return sched, sched.validate(num_layers, grid)
+    except ScheduleError as exc:
+        raise ScheduleError(
+            f"schedule '{sched}' does not fit this model ({num_layers} decoder layers, "
+            f"{grid[0]}x{grid[1]} image grid): {exc}"
+        ) from None
+
+
 def apply_adsc(model, schedule=None):
     """Make a LLaVA model run ADSC; returns the model (changed in place).
 
@@ -225,18 +241,7 @@ def apply_adsc(model, schedule=None):
     """
     base = _unwrap(model)
     grid, image_token_id, num_layers, cache_kw = _check_llava(base)
-    if schedule is None:
-        schedule = getattr(base.config, "adsc_schedule", None)
-        if schedule is None:
-            schedule = LLAVA15_DEFAULT
-    sched = Schedule.coerce(schedule)
-    try:
-        sched.validate(num_layers, grid)
-    except ScheduleError as exc:
-        raise ScheduleError(
-            f"schedule '{sched}' does not fit this model ({num_layers} decoder layers, "
-            f"{grid[0]}x{grid[1]} image grid): {exc}"
-        ) from None
+    sched, _ = resolve_schedule(base.config, schedule, num_layers, grid)
     base.config.adsc_schedule = str(sched)
     base._adsc = AdscSetup(
         schedule=sched,

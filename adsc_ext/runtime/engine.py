@@ -29,7 +29,6 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from ..schedule import LLAVA15_DEFAULT, Schedule, ScheduleError
 from .attention import Attention
 from .kv_pool import KVCapacityError, StagedKVPool, blocks_needed
 
@@ -73,22 +72,11 @@ class Engine:
 
     def __init__(self, model, schedule=None, *, backend: Optional[str] = None, block_size: int = 16,
                  num_blocks: Union[None, int, Sequence[int]] = None, max_batch_size: int = 256):
-        from ..hf.llava import _check_llava, _unwrap
+        from ..hf.llava import _check_llava, _unwrap, resolve_schedule
 
         model = _unwrap(model)
         grid, image_token_id, num_layers, _ = _check_llava(model)
-        if schedule is None:
-            schedule = getattr(model.config, "adsc_schedule", None)
-            if schedule is None:
-                schedule = LLAVA15_DEFAULT
-        self.schedule = Schedule.coerce(schedule)
-        try:
-            self.stages = self.schedule.validate(num_layers, grid)
-        except ScheduleError as exc:
-            raise ScheduleError(
-                f"schedule '{self.schedule}' does not fit this model ({num_layers} decoder layers, "
-                f"{grid[0]}x{grid[1]} image grid): {exc}"
-            ) from None
+        self.schedule, self.stages = resolve_schedule(model.config, schedule, num_layers, grid)
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if max_batch_size < 1:

@@ -96,14 +96,16 @@ PlanTensors run_plan(const Backend& backend, adsc::PlanParams& p, const at::Devi
 // Row view of a tensor whose dims after the first are contiguous and whose rows do not overlap
 // (an expanded tensor's rows do): (row_bytes, row_stride_bytes).
 bool row_layout(const at::Tensor& t, int64_t* row_bytes, int64_t* row_stride) {
-  int64_t expected = 1;
+  int64_t elems = 1;
+  bool contiguous_rows = true;
   for (int64_t d = t.dim() - 1; d >= 1; --d) {
-    if (t.size(d) != 1 && t.stride(d) != expected) return false;
-    expected *= t.size(d);
+    if (t.size(d) != 1 && t.stride(d) != elems) contiguous_rows = false;
+    elems *= t.size(d);
   }
-  *row_bytes = expected * static_cast<int64_t>(t.element_size());
+  *row_bytes = elems * static_cast<int64_t>(t.element_size());
   *row_stride = t.stride(0) * static_cast<int64_t>(t.element_size());
-  return t.size(0) <= 1 || *row_stride >= *row_bytes;
+  if (t.numel() == 0) return true;  // nothing is read or written through the strides
+  return contiguous_rows && (t.size(0) <= 1 || *row_stride >= *row_bytes);
 }
 
 // An input as rows the core can read: itself when row_layout accepts it, else a contiguous copy.
