@@ -5,6 +5,7 @@
 
 #include <limits>
 #include <string>
+#include <utility>
 
 namespace adsc_torch {
 namespace {
@@ -29,6 +30,12 @@ at::Tensor as_int64(const char* name, const at::Tensor& t) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, name,
                    " must be an int64 (or int32) tensor, got ", t.scalar_type());
   return t.to(at::kLong).contiguous();
+}
+
+// (min, max) of a non-empty integer tensor, on the host: one synchronisation on a GPU.
+std::pair<int64_t, int64_t> value_range(const at::Tensor& t) {
+  const auto [lo, hi] = at::aminmax(t);
+  return {lo.item<int64_t>(), hi.item<int64_t>()};
 }
 
 void fill_schedule(adsc::PlanParams& p, at::IntArrayRef factors) {
@@ -155,8 +162,7 @@ PlanTensors stage_plan_packed(const Backend& backend, const c10::optional<at::Te
   if (image_spans.has_value()) check_device("image_spans", *image_spans, device);
   if (cu_seqlens.scalar_type() == at::kLong && cu_seqlens.numel() > 0) {
     // Narrowing to int32 must not wrap (one small synchronisation; pass int32 to avoid it).
-    const auto [lo, hi] = at::aminmax(cu_seqlens);
-    const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+    const auto [lo_v, hi_v] = value_range(cu_seqlens);
     TORCH_CHECK_VALUE(lo_v >= 0 && hi_v <= std::numeric_limits<int32_t>::max(),
                       "cu_seqlens must hold int32 offsets, got values in [", lo_v, ", ", hi_v, "]");
   }
@@ -241,8 +247,7 @@ void compact_tokens_out(const Backend& backend, const at::Tensor& x_in, const at
   if (check_index_range && device.type() != at::kCPU && index.numel() > 0) {
     // The CPU core checks as it goes; on a GPU that costs one synchronisation, so callers whose
     // indices come from a plan pass check_index=false.
-    const auto [lo, hi] = at::aminmax(index);
-    const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+    const auto [lo_v, hi_v] = value_range(index);
     TORCH_CHECK_INDEX(lo_v >= -1 && hi_v < p.src_rows, "compact: index values must be -1 "
                       "(padding) or in [0, ", p.src_rows, "), got values in [", lo_v, ", ", hi_v, "]");
   }
@@ -334,8 +339,7 @@ void write_paged_kv(const Backend& backend, const at::Tensor& key_in, const at::
   p.row_bytes = row_bytes;
   p.slot_mapping = slots.data_ptr<int64_t>();
   if (check_slots && device.type() != at::kCPU && slots.numel() > 0) {
-    const auto [lo, hi] = at::aminmax(slots);
-    const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+    const auto [lo_v, hi_v] = value_range(slots);
     TORCH_CHECK_INDEX(lo_v >= -1 && hi_v < p.num_slots, "write_paged_kv: slots must be -1 "
                       "(padding) or in [0, ", p.num_slots, "), got values in [", lo_v, ", ", hi_v, "]");
   }

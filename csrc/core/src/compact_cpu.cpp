@@ -66,16 +66,23 @@ uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>(x >> 16);
 }
 
+// Every index[i] (i < n) is -1 or in [0, limit): checked before anything is written.
+template <typename Index>
+Status check_indices(const char* what, const Index* index, int64_t n, int64_t limit) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t j = static_cast<int64_t>(index[i]);
+    if (j < -1 || j >= limit)
+      return fail(Status::kIndexOutOfRange, "%s: index[%lld] = %lld is out of range: expected "
+                  "-1 (padding) or 0 <= index < %lld", what, static_cast<long long>(i),
+                  static_cast<long long>(j), static_cast<long long>(limit));
+  }
+  return Status::kOk;
+}
+
 template <typename Index>
 Status gather(const GatherRowsParams& p) {
   const Index* index = static_cast<const Index*>(p.index);
-  for (int64_t i = 0; i < p.dst_rows; ++i) {
-    const int64_t j = static_cast<int64_t>(index[i]);
-    if (j < -1 || j >= p.src_rows)
-      return fail(Status::kIndexOutOfRange, "compact: index[%lld] = %lld is out of range: expected "
-                  "-1 (padding) or 0 <= index < %lld", static_cast<long long>(i),
-                  static_cast<long long>(j), static_cast<long long>(p.src_rows));
-  }
+  ADSC_RETURN_IF_ERROR(check_indices("compact", index, p.dst_rows, p.src_rows));
   const char* src = static_cast<const char*>(p.src);
   char* dst = static_cast<char*>(p.dst);
   for (int64_t i = 0; i < p.dst_rows; ++i) {
@@ -103,14 +110,8 @@ void scatter_add(const ScatterAddRowsParams& p, Load load, Store store) {
 
 template <typename Index>
 Status scatter_add_typed(const ScatterAddRowsParams& p) {
-  const Index* index = static_cast<const Index*>(p.index);
-  for (int64_t i = 0; i < p.src_rows; ++i) {
-    const int64_t j = static_cast<int64_t>(index[i]);
-    if (j < -1 || j >= p.dst_rows)
-      return fail(Status::kIndexOutOfRange, "scatter_add: index[%lld] = %lld is out of range: "
-                  "expected -1 (padding) or 0 <= index < %lld", static_cast<long long>(i),
-                  static_cast<long long>(j), static_cast<long long>(p.dst_rows));
-  }
+  ADSC_RETURN_IF_ERROR(check_indices("scatter_add", static_cast<const Index*>(p.index),
+                                     p.src_rows, p.dst_rows));
   auto same_f = [](float v) { return v; };
   auto same_d = [](double v) { return v; };
   switch (p.dtype) {

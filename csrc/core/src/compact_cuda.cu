@@ -9,7 +9,7 @@
 
 #include "adsc/compact.h"
 #include "compact_impl.h"
-#include "vec.cuh"
+#include "cuda_util.cuh"
 
 namespace adsc {
 namespace {
@@ -110,13 +110,6 @@ void dispatch_scatter_add(const ScatterAddRowsParams& p, int32_t* error_flag, cu
   }
 }
 
-Status launch_status(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    return fail(Status::kCudaError, "%s: launch failed: %s", what, cudaGetErrorString(err));
-  return Status::kOk;
-}
-
 }  // namespace
 
 Status gather_rows_cuda(const GatherRowsParams& p, int32_t* error_flag,
@@ -126,7 +119,7 @@ Status gather_rows_cuda(const GatherRowsParams& p, int32_t* error_flag,
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   if (p.index_is_int64) dispatch_gather<int64_t>(p, error_flag, s);
   else dispatch_gather<int32_t>(p, error_flag, s);
-  return launch_status("gather_rows_cuda");
+  return detail::launch_status("gather_rows_cuda");
 }
 
 Status scatter_add_rows_cuda(const ScatterAddRowsParams& p, int32_t* error_flag,
@@ -136,7 +129,7 @@ Status scatter_add_rows_cuda(const ScatterAddRowsParams& p, int32_t* error_flag,
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   if (p.index_is_int64) dispatch_scatter_add<int64_t>(p, error_flag, s);
   else dispatch_scatter_add<int32_t>(p, error_flag, s);
-  return launch_status("scatter_add_rows_cuda");
+  return detail::launch_status("scatter_add_rows_cuda");
 }
 
 }  // namespace adsc

@@ -6,7 +6,7 @@
 
 #include "adsc/paged_kv.h"
 #include "paged_kv_impl.h"
-#include "vec.cuh"
+#include "cuda_util.cuh"
 
 namespace adsc {
 namespace {
@@ -69,11 +69,7 @@ Status write_paged_kv_cuda(const PagedKVParams& p, int32_t* error_flag,
     case 2: launch<2>(p, error_flag, s); break;
     default: launch<1>(p, error_flag, s); break;
   }
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    return fail(Status::kCudaError, "write_paged_kv_cuda: launch failed: %s",
-                cudaGetErrorString(err));
-  return Status::kOk;
+  return detail::launch_status("write_paged_kv_cuda");
 }
 
 }  // namespace adsc

@@ -6,6 +6,7 @@
 
 #include "adsc/adsc.h"
 #include "adsc/plan.h"
+#include "cuda_util.cuh"
 #include "plan_impl.h"
 
 namespace adsc {
@@ -240,10 +241,7 @@ __global__ void __launch_bounds__(kThreads) plan_kernel(const PlanParams p) {
 Status plan_cuda(const PlanParams& params, adsc_stream_t stream) noexcept {
   ADSC_RETURN_IF_ERROR(check_plan_params(params));
   plan_kernel<<<1, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(params);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    return fail(Status::kCudaError, "plan_cuda: launch failed: %s", cudaGetErrorString(err));
-  return Status::kOk;
+  return detail::launch_status("plan_cuda");
 }
 
 }  // namespace adsc

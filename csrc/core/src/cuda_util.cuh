@@ -1,7 +1,11 @@
-// Vector types for row copies (internal CUDA header).
+// Internal CUDA helpers: vector types and block shapes for row copies, launch status.
 #pragma once
 
+#include <cuda_runtime.h>
+
 #include <cstdint>
+
+#include "adsc/status.h"
 
 namespace adsc {
 namespace detail {
@@ -31,6 +35,14 @@ inline dim3 row_block(int64_t vecs_per_row) {
 inline unsigned row_grid(int64_t rows, const dim3& block) {
   const int64_t blocks = (rows + block.y - 1) / block.y;
   return static_cast<unsigned>(blocks < 8192 ? (blocks > 0 ? blocks : 1) : 8192);  // grid-stride beyond
+}
+
+// The status of the launch just made (kCudaError with the runtime's message if it failed).
+inline Status launch_status(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    return fail(Status::kCudaError, "%s: launch failed: %s", what, cudaGetErrorString(err));
+  return Status::kOk;
 }
 
 }  // namespace detail
