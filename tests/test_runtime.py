@@ -327,55 +327,143 @@ def test_bench_rejects_bad_batches():
         parser.parse_args(["--batches", "a"])
 
 
+def _dense_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal):
+    """Reference packed attention (bottom-right aligned causal mask, GQA by repetition)."""
+    import torch.nn.functional as F
+
+    assert cu_q.dtype == torch.int32 and cu_k.dtype == torch.int32
+    assert max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k >= int((cu_k[1:] - cu_k[:-1]).max())
+    out = torch.empty_like(q)
+    rep = q.shape[1] // k.shape[1]
+    for a, b, c, d in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
+        qi = q[a:b].transpose(0, 1)
+        ki = k[c:d].repeat_interleave(rep, 1).transpose(0, 1)
+        vi = v[c:d].repeat_interleave(rep, 1).transpose(0, 1)
+        mask = None
+        if causal:
+            mask = torch.ones(b - a, d - c, dtype=torch.bool).tril(d - c - (b - a))
+        o = F.scaled_dot_product_attention(qi[None], ki[None], vi[None], attn_mask=mask, scale=scale)
+        out[a:b] = o[0].transpose(0, 1)
+    return out
+
+
+def _unpage(k_cache, block_table, seq_lens):
+    """Packed keys of every sequence from a paged cache."""
+    bs = k_cache.shape[1]
+    rows = []
+    for t, n in zip(block_table.tolist(), seq_lens.tolist()):
+        rows += [k_cache[t[j // bs], j % bs] for j in range(n)]
+    return torch.stack(rows)
+
+
+# The public signatures of flash-attn 2.8 (flash_attn/flash_attn_interface.py), recorded here because
+# flash-attn cannot be installed on the CI machine: the stand-ins below have exactly these parameters,
+# so a call that passes an argument flash-attn does not take fails here as it would there.
+def _flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None):
+    assert dropout_p == 0.0 and block_table is None and not return_attn_probs
+    return _dense_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+
+
+_FLASH_KVCACHE_CALLS = []
+
+
+def _flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                             rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    _FLASH_KVCACHE_CALLS.append(k_cache.shape[1])
+    assert q.dim() == 4 and q.shape[1] == 1 and k is None and v is None
+    assert block_table.dtype == torch.int32 and cache_seqlens.dtype == torch.int32
+    assert k_cache.shape[1] % 256 == 0  # flash-attn 2: "Paged KV cache block size must be divisible by 256"
+    o = paged_decode_gather(q[:, 0], k_cache, v_cache, block_table, cache_seqlens, softmax_scale)
+    return o[:, None]
+
+
+def _torch_varlen_stand_in(signature, calls):
+    """A stand-in for torch.nn.attention.varlen.varlen_attn that accepts exactly ``signature``."""
+    import inspect
+
+    def varlen_attn(*args, **kwargs):
+        a = signature.bind(*args, **kwargs)
+        a.apply_defaults()
+        p = a.arguments
+        causal = p["window_size"] == (-1, 0) if "window_size" in p else p["is_causal"]
+        scale = p.get("scale")
+        q, k, v = p["query"], p["key"], p["value"]
+        if k.shape[-2] != q.shape[1] and not p.get("enable_gqa", False):
+            raise ValueError("Expect query and key/value to have the same number of heads")
+        if p.get("block_table") is not None:
+            calls.append(k.shape[1])
+            assert p["seqused_k"] is not None and p["block_table"].dtype == torch.int32
+            assert torch.equal(p["cu_seq_k"][1:] - p["cu_seq_k"][:-1], p["seqused_k"])
+            k, v = (_unpage(t, p["block_table"], p["seqused_k"]) for t in (k, v))
+        return _dense_varlen(q, k, v, p["cu_seq_q"], p["cu_seq_k"], p["max_q"], p["max_k"], scale, causal)
+
+    varlen_attn.__signature__ = signature
+    assert inspect.signature(varlen_attn) == signature
+    return varlen_attn
+
+
 def test_flash_and_torch_varlen_wiring_with_stand_ins(monkeypatch, model):
-    """The CUDA backends' call wiring, checked on the CPU with stand-ins of the documented APIs."""
+    """The CUDA backends' call wiring on the CPU: flash-attn 2.8 stand-ins with its recorded signatures,
+    and this torch's own ``varlen_attn`` signature (paged decode with ``block_table`` included)."""
+    import inspect
     import sys
     import types
 
-    import torch.nn.functional as F
+    import torch.nn.attention.varlen as tv
 
     from adsc_ext.runtime import attention as A
 
-    def dense_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal):
-        assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and causal
-        assert max_q == int((cu_q[1:] - cu_q[:-1]).max())
-        out = torch.empty_like(q)
-        for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
-            rep = q.shape[1] // k.shape[1]
-            o = F.scaled_dot_product_attention(
-                q[a:b].transpose(0, 1)[None], k[a:b].repeat_interleave(rep, 1).transpose(0, 1)[None],
-                v[a:b].repeat_interleave(rep, 1).transpose(0, 1)[None], is_causal=True, scale=scale)
-            out[a:b] = o[0].transpose(0, 1)
-        return out
-
-    def flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
-        return dense_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal)
-
-    calls = []
-
-    def flash_kvcache(q, k_cache, v_cache, cache_seqlens=None, block_table=None, softmax_scale=None, causal=False):
-        calls.append(k_cache.shape[1])
-        assert q.dim() == 4 and q.shape[1] == 1 and block_table.dtype == torch.int32
-        o = paged_decode_gather(q[:, 0], k_cache, v_cache, block_table, cache_seqlens, softmax_scale)
-        return o[:, None]
-
     fake = types.ModuleType("flash_attn")
-    fake.flash_attn_varlen_func = flash_varlen
-    fake.flash_attn_with_kvcache = flash_kvcache
+    fake.flash_attn_varlen_func = _flash_attn_varlen_func
+    fake.flash_attn_with_kvcache = _flash_attn_with_kvcache
     monkeypatch.setitem(sys.modules, "flash_attn", fake)
     monkeypatch.setattr(A, "_unavailable_reason", lambda name, device: None)
+    tv_calls = []
+    monkeypatch.setattr(tv, "varlen_attn", _torch_varlen_stand_in(inspect.signature(tv.varlen_attn), tv_calls))
+    reqs, _ = requests(model)
+    want = Engine(model, SCHED, backend="sdpa", block_size=4).generate(reqs, max_new_tokens=4)
+    _FLASH_KVCACHE_CALLS.clear()
+    for backend, bs, path in (("flash_attn", 256, "paged"), ("flash_attn", 4, "gather"),
+                              ("torch_varlen", 4, "gather"), ("torch_varlen", 256, "paged")):
+        eng = Engine(model, SCHED, backend=backend, block_size=bs)
+        assert (eng.backend, eng.attention.decode_path) == (backend, path)
+        assert eng.generate(reqs, max_new_tokens=4) == want
+        assert eng.stats["decode_path"] == path
+    assert _FLASH_KVCACHE_CALLS and set(_FLASH_KVCACHE_CALLS) == {256}  # paged flash decode only with 256-token blocks
+    assert tv_calls and set(tv_calls) == {256}
+
+
+def test_torch_varlen_older_signature(monkeypatch, model):
+    """torch releases before block_table/scale/enable_gqa (``is_causal`` positional): K/V heads are
+    repeated, decode gathers, and a non-default scale is refused with a clear error."""
+    import inspect
 
     import torch.nn.attention.varlen as tv
 
-    def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False, **kw):
-        assert window_size == (-1, 0) and enable_gqa == (q.shape[1] != k.shape[1])
-        return dense_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, True)
+    from adsc_ext.runtime import attention as A
 
-    monkeypatch.setattr(tv, "varlen_attn", torch_varlen)
+    def old(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        raise AssertionError("only the signature is used")
+
+    calls = []
+    monkeypatch.setattr(tv, "varlen_attn", _torch_varlen_stand_in(inspect.signature(old), calls))
+    monkeypatch.setattr(A, "_unavailable_reason", lambda name, device: None)
     reqs, _ = requests(model)
-    want = Engine(model, SCHED, block_size=4).generate(reqs, max_new_tokens=4)
-    for backend, bs in (("flash_attn", 256), ("flash_attn", 4), ("torch_varlen", 4)):
-        eng = Engine(model, SCHED, backend=backend, block_size=bs)
-        assert eng.backend == backend
-        assert eng.generate(reqs, max_new_tokens=4) == want
-    assert calls and set(calls) == {256}  # paged flash decode only with 256-token blocks
+    want = Engine(model, SCHED, backend="sdpa", block_size=4).generate(reqs, max_new_tokens=3)
+    eng = Engine(model, SCHED, backend="torch_varlen", block_size=256)
+    assert eng.attention.decode_path == "gather" and eng.generate(reqs, max_new_tokens=3) == want
+    assert not calls
+    q = torch.randn(3, 4, 8)
+    with pytest.raises(ValueError, match="no scale argument"):
+        eng.attention.varlen_prefill(q, q, q, torch.tensor([0, 3], dtype=torch.int32), 3, 0.5)
+
+    def alien(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k):
+        raise AssertionError
+
+    monkeypatch.setattr(tv, "varlen_attn", alien)
+    with pytest.raises(ValueError, match="neither window_size nor is_causal"):
+        Attention("torch_varlen")

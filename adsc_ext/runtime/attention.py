@@ -4,12 +4,16 @@ One :class:`Attention` object picks the backend and says which one it uses (``.n
 
 - ``"flash_attn"``: ``flash_attn.flash_attn_varlen_func`` for prefill and
   ``flash_attn.flash_attn_with_kvcache`` (block table) for decode; CUDA, flash-attn installed.
-  flash-attn 2 needs paged blocks of a multiple of 256 tokens; with other block sizes decode
-  falls back to the gather path.
-- ``"torch_varlen"``: ``torch.nn.attention.varlen.varlen_attn`` for prefill (CUDA only); decode
-  gathers the paged cache and runs SDPA.
-- ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` per sequence (any device);
-  decode gathers the paged cache (``[B, blocks * block_size]`` keys with a length mask).
+- ``"torch_varlen"``: ``torch.nn.attention.varlen.varlen_attn`` for prefill (CUDA only), and for
+  decode with ``block_table`` / ``seqused_k`` where the installed torch has them (2.11+). The call
+  adapts to the installed signature: ``window_size=(-1, 0)`` or the older ``is_causal=True``;
+  ``enable_gqa`` where present, else K/V heads are repeated; ``scale`` where present, else only the
+  default ``head_dim ** -0.5`` is accepted.
+- ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` per sequence (any device).
+
+Decode reads the paged cache in place (:attr:`Attention.decode_path` ``"paged"``) when the backend
+has a paged kernel and the block size is a multiple of 256 (what FlashAttention-2's paged kernels
+accept); otherwise it gathers each sequence's blocks and runs masked SDPA (``"gather"``).
 
 ``backend=None`` (auto) picks the first available of flash_attn, torch_varlen, sdpa.
 """
@@ -17,7 +21,8 @@ One :class:`Attention` object picks the backend and says which one it uses (``.n
 from __future__ import annotations
 
 import importlib.util
-from typing import List, Optional
+import inspect
+from typing import FrozenSet, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +30,9 @@ import torch.nn.functional as F
 __all__ = ["BACKENDS", "Attention", "available_backends", "select_backend"]
 
 BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
+
+#: FlashAttention-2's paged kernels need blocks of a multiple of this many tokens.
+PAGED_BLOCK_MULTIPLE = 256
 
 
 def _has_flash_attn() -> bool:
@@ -74,14 +82,51 @@ def _gqa(k: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
     return k if rep == 1 else k.repeat_interleave(rep, dim=dim)
 
 
-class Attention:
-    """Prefill and decode attention with one backend (see the module docstring)."""
+def _torch_varlen_params() -> FrozenSet[str]:
+    from torch.nn.attention.varlen import varlen_attn
 
-    def __init__(self, backend: Optional[str] = None, device="cpu"):
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+class Attention:
+    """Prefill and decode attention with one backend (see the module docstring).
+
+    ``block_size`` (of the paged KV cache, if known) decides :attr:`decode_path`.
+    """
+
+    def __init__(self, backend: Optional[str] = None, device="cpu", block_size: Optional[int] = None):
         self.name = select_backend(backend, device)
+        self._tv = _torch_varlen_params() if self.name == "torch_varlen" else frozenset()
+        if self.name == "torch_varlen" and not {"window_size", "is_causal"} & self._tv:
+            raise ValueError("torch.nn.attention.varlen.varlen_attn takes neither window_size nor is_causal: "
+                             f"this torch ({torch.__version__}) has an API adsc_ext does not know")
+        paged = self.name == "flash_attn" or {"block_table", "seqused_k"} <= self._tv
+        self.block_size = block_size
+        self.decode_path = ("paged" if paged and block_size is not None and block_size % PAGED_BLOCK_MULTIPLE == 0
+                            else "gather")
 
     def __repr__(self) -> str:
-        return f"Attention(backend={self.name!r})"
+        return f"Attention(backend={self.name!r}, decode={self.decode_path!r})"
+
+    def _torch_varlen(self, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, causal: bool, **paged):
+        from torch.nn.attention.varlen import varlen_attn
+
+        kw = dict(paged)
+        if "window_size" in self._tv:
+            kw["window_size"] = (-1, 0) if causal else (-1, -1)
+        else:
+            kw["is_causal"] = causal
+        if "scale" in self._tv:
+            kw["scale"] = scale
+        elif abs(scale - q.shape[-1] ** -0.5) > 1e-12 * scale:
+            raise ValueError(f"this torch's varlen_attn has no scale argument and the model's scale {scale} is not "
+                             f"head_dim ** -0.5; use backend='sdpa' or 'flash_attn'")
+        gqa = q.shape[1] != k.shape[-2]
+        if gqa and "enable_gqa" in self._tv:
+            kw["enable_gqa"] = True
+        elif gqa:
+            k, v = _gqa(k, q.shape[1], k.dim() - 2), _gqa(v, q.shape[1], v.dim() - 2)
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
 
     # ---- prefill: packed causal self-attention ---------------------------------------------------
     def varlen_prefill(self, q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float,
@@ -97,10 +142,7 @@ class Attention:
             return flash_attn_varlen_func(q, k, v, cu32, cu32, max_seqlen, max_seqlen,
                                           softmax_scale=scale, causal=True)
         if self.name == "torch_varlen":
-            from torch.nn.attention.varlen import varlen_attn
-
-            return varlen_attn(q, k, v, cu32, cu32, max_seqlen, max_seqlen, scale=scale,
-                               window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1])
+            return self._torch_varlen(q, k, v, cu32, cu32, max_seqlen, max_seqlen, scale, True)
         cu = cu_host if cu_host is not None else cu_seqlens.tolist()
         H = q.shape[1]
         out = torch.empty_like(q)
@@ -117,19 +159,28 @@ class Attention:
 
     # ---- decode: one query per sequence over the paged cache --------------------------------------
     def paged_decode(self, q, k_cache, v_cache, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, cu_seqlens_k: Optional[torch.Tensor] = None) -> torch.Tensor:
         """q ``[B, H, D]`` (the newest token, already in the cache); caches
         ``[blocks, block_size, Hkv, D]``; block_tables int32 ``[B, max_blocks]``; seq_lens int32
-        ``[B]`` (keys per sequence, the new one included) -> ``[B, H, D]``."""
+        ``[B]`` (keys per sequence, the new one included) -> ``[B, H, D]``. ``cu_seqlens_k``
+        (int32 ``[B+1]``, the running sum of ``seq_lens``) saves a cumsum per call on the paged
+        varlen path; callers compute it once per step and stage."""
         bs = k_cache.shape[1]
-        if self.name == "flash_attn" and bs % 256 == 0:
+        if self.decode_path != "paged" or bs % PAGED_BLOCK_MULTIPLE:
+            return paged_decode_gather(q, k_cache, v_cache, block_tables, seq_lens, scale)
+        if self.name == "flash_attn":
             from flash_attn import flash_attn_with_kvcache
 
-            o = flash_attn_with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=seq_lens.to(torch.int32),
-                                        block_table=block_tables.to(torch.int32), softmax_scale=scale,
-                                        causal=True)
+            o = flash_attn_with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=seq_lens,
+                                        block_table=block_tables, softmax_scale=scale, causal=True)
             return o[:, 0]
-        return paged_decode_gather(q, k_cache, v_cache, block_tables, seq_lens, scale)
+        B = q.shape[0]
+        if cu_seqlens_k is None:
+            cu_seqlens_k = F.pad(seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
+        cu_q = torch.arange(B + 1, dtype=torch.int32, device=q.device)
+        # One query per sequence attends to all its keys: no causal mask needed.
+        return self._torch_varlen(q, k_cache, v_cache, cu_q, cu_seqlens_k, 1, block_tables.shape[1] * bs, scale,
+                                  False, seqused_k=seq_lens, block_table=block_tables)
 
 
 def paged_decode_gather(q, k_cache, v_cache, block_tables, seq_lens, scale):

@@ -54,6 +54,15 @@ class _Seq:
         return self.ids.numel()
 
 
+@dataclass
+class _DecodeBatch:
+    rids: List[int]
+    block_tables: List[torch.Tensor]  # per stage, int32 [B, max_blocks]
+    lens: List[torch.Tensor]  # per stage, int32 [B]: tokens cached before this step's token
+    pos: torch.Tensor  # int64 [B]: position of this step's token
+    pool: Any = None
+
+
 class Engine:
     """Batched ADSC generation for a Hugging Face LLaVA model.
 
@@ -93,7 +102,7 @@ class Engine:
         self.max_batch_size = int(max_batch_size)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.attention = Attention(backend, self.device)
+        self.attention = Attention(backend, self.device, block_size=self.block_size)
         attn0 = self.text.layers[0].self_attn
         self.head_dim = attn0.head_dim
         tcfg = self.text.config
@@ -223,7 +232,7 @@ class Engine:
             need = [sum(blocks_needed(s.stage_lens[k] + s.max_new, self.block_size) for s in live)
                     for k in range(len(self.stages))]
             pool = self._new_pool(need)
-        self._cur_pool = pool
+        self._dstate = None  # decode layout of the running batch (rebuilt when the batch changes)
         sample = dict(temperature=temperature, top_p=top_p, suppress=suppress_image_token, generator=generator)
         stats = dict(prefill_seconds=0.0, decode_seconds=0.0, decode_steps=0, decode_tokens=0, prefills=0,
                      admitted_per_prefill=[], backend=self.backend, pool_bytes=pool.total_bytes())
@@ -264,6 +273,8 @@ class Engine:
             for rid in held:
                 pool.free(rid)
             stats["peak_kv_bytes"] = pool.peak_used_bytes
+            stats["decode_path"] = self.attention.decode_path
+            self._dstate = None
             self.stats = stats
             self.last_pool = pool
         return results
@@ -373,30 +384,49 @@ class Engine:
         for s, t in zip(seqs, self._pick(logits, sample)):
             s.generated.append(t)
 
-    def _decode_step(self, pool: StagedKVPool, seqs: List[_Seq], sample) -> None:
+    def _decode_layout(self, pool: StagedKVPool, seqs: List[_Seq]) -> "_DecodeBatch":
+        """Device-side decode state of a running batch: per stage, the block tables and the cached
+        token counts. Built when the batch changes; each step then only adds 1 on the device."""
         dev = self.device
-        toks = torch.tensor([s.generated[-1] for s in seqs], device=dev)
-        pos = torch.tensor([s.n + len(s.generated) - 1 for s in seqs], device=dev)  # n + t
-        h = self.model.get_input_embeddings()(toks)
-        cos, sin = self.text.rotary_emb(h[None], pos[None])
-        cos, sin = cos[0], sin[0]
         rids = [s.rid for s in seqs]
-        per_stage = []
-        for s_i in range(len(self.stages)):
-            at = [s.stage_lens[s_i] + len(s.generated) - 1 for s in seqs]  # slot of the new token
-            slots = []
-            for s, a in zip(seqs, at):
-                slots += pool.slots(s.rid, s_i, a, 1)
-            per_stage.append((torch.tensor(slots, dtype=torch.int64, device=dev),
-                              pool.block_table_tensor(rids, s_i, dev),
-                              torch.tensor([a + 1 for a in at], dtype=torch.int32, device=dev)))
-        for l in range(self.num_layers):
-            slots, bt, seq_lens = per_stage[self.stage_of_layer[l]]
+        bts = [pool.block_table_tensor(rids, k, dev) for k in range(len(self.stages))]
+        lens = [torch.tensor([s.stage_lens[k] + len(s.generated) - 1 for s in seqs], dtype=torch.int32, device=dev)
+                for k in range(len(self.stages))]
+        pos = torch.tensor([s.n + len(s.generated) - 1 for s in seqs], device=dev)  # n + t
+        return _DecodeBatch(rids, bts, lens, pos)
 
-            def attend(q, k, v, kc, vc, bt=bt, seq_lens=seq_lens):
-                return self.attention.paged_decode(q, kc, vc, bt, seq_lens, self.scaling)
+    def _decode_step(self, pool: StagedKVPool, seqs: List[_Seq], sample) -> None:
+        import torch.nn.functional as F
+
+        dev = self.device
+        state = getattr(self, "_dstate", None)
+        if state is None or state.pool is not pool or state.rids != [s.rid for s in seqs]:
+            state = self._decode_layout(pool, seqs)
+            state.pool = pool
+            self._dstate = state
+        toks = torch.tensor([s.generated[-1] for s in seqs], device=dev)
+        h = self.model.get_input_embeddings()(toks)
+        cos, sin = self.text.rotary_emb(h[None], state.pos[None])
+        cos, sin = cos[0], sin[0]
+        bs = self.block_size
+        per_stage = []
+        for bt, at in zip(state.block_tables, state.lens):
+            # the new token's slot: block at / bs of the request's table, offset at % bs
+            blk = bt.gather(1, (at // bs).long()[:, None])[:, 0]
+            slots = blk.long() * bs + (at % bs).long()
+            seq_lens = at + 1
+            cu_k = F.pad(seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
+            per_stage.append((slots, bt, seq_lens, cu_k))
+        for l in range(self.num_layers):
+            slots, bt, seq_lens, cu_k = per_stage[self.stage_of_layer[l]]
+
+            def attend(q, k, v, kc, vc, bt=bt, seq_lens=seq_lens, cu_k=cu_k):
+                return self.attention.paged_decode(q, kc, vc, bt, seq_lens, self.scaling, cu_seqlens_k=cu_k)
 
             h = self._layer(l, h, cos, sin, pool, slots, attend)
+        for at in state.lens:
+            at.add_(1)
+        state.pos.add_(1)
         logits = self.model.lm_head(self.text.norm(h))
         for s, t in zip(seqs, self._pick(logits, sample)):
             s.generated.append(t)
