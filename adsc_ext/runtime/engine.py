@@ -48,6 +48,7 @@ class _Seq:
     stage_lens: List[int]  # prompt tokens alive in every stage
     max_new: int
     generated: List[int] = field(default_factory=list)
+    logits: Optional[List[torch.Tensor]] = None  # per generated token, with return_logits=True
 
     @property
     def n(self) -> int:
@@ -206,6 +207,7 @@ class Engine:
     def generate(self, requests: Sequence[dict], max_new_tokens: int = 32, *, temperature: float = 0.0,
                  top_p: float = 1.0, eos_token_id: Optional[int] = None, suppress_image_token: bool = True,
                  generator: Optional[torch.Generator] = None, return_exceptions: bool = False,
+                 return_logits: bool = False,
                  progress=None) -> List[Any]:
         """Generate for every request; returns one list of token ids per request (in order).
 
@@ -214,6 +216,8 @@ class Engine:
         A request stops after its ``max_new_tokens`` or at ``eos_token_id`` (included).
         Bad requests raise :class:`EngineInputError` / :class:`KVCapacityError` before any work, or,
         with ``return_exceptions=True``, get the exception as their result while the others run.
+        ``return_logits=True`` makes each result ``(tokens, logits)``, logits a float32 CPU tensor
+        ``[len(tokens), vocab]`` of the raw scores each token was picked from.
         The cache is left as it was (every block taken by this call is freed), also on errors.
         """
         seqs: List[Optional[_Seq]] = []
@@ -227,6 +231,8 @@ class Engine:
                 results[i] = exc
                 seqs.append(None)
         live = [s for s in seqs if s is not None]
+        for s in live:
+            s.logits = [] if return_logits else None
         pool = self.pool
         if pool is None:  # size fresh pools exactly for this call
             need = [sum(blocks_needed(s.stage_lens[k] + s.max_new, self.block_size) for s in live)
@@ -289,12 +295,20 @@ class Engine:
         for s in running:
             done = len(s.generated) >= s.max_new or (eos is not None and s.generated and s.generated[-1] == eos)
             if done:
-                results[s.rid] = list(s.generated)
+                results[s.rid] = (list(s.generated) if s.logits is None
+                                  else (list(s.generated), torch.stack(s.logits).float().cpu()))
                 pool.free(s.rid)
                 held.remove(s.rid)
             else:
                 keep.append(s)
         return keep
+
+    def _append(self, seqs: List[_Seq], logits: torch.Tensor, sample) -> None:
+        for i, s in enumerate(seqs):
+            if s.logits is not None:  # before _pick, which masks the image token in place
+                s.logits.append(logits[i].detach().clone())
+        for s, t in zip(seqs, self._pick(logits, sample)):
+            s.generated.append(t)
 
     def _pick(self, logits: torch.Tensor, sample) -> List[int]:
         logits = logits.float()
@@ -381,8 +395,7 @@ class Engine:
             h = self._layer(l, h, cos, sin, pool, slots, attend)
         last = torch.tensor(per_stage[stage][0][1:], device=dev) - 1
         logits = self.model.lm_head(self.text.norm(h[last]))
-        for s, t in zip(seqs, self._pick(logits, sample)):
-            s.generated.append(t)
+        self._append(seqs, logits, sample)
 
     def _decode_layout(self, pool: StagedKVPool, seqs: List[_Seq]) -> "_DecodeBatch":
         """Device-side decode state of a running batch: per stage, the block tables and the cached
@@ -428,8 +441,7 @@ class Engine:
             at.add_(1)
         state.pos.add_(1)
         logits = self.model.lm_head(self.text.norm(h))
-        for s, t in zip(seqs, self._pick(logits, sample)):
-            s.generated.append(t)
+        self._append(seqs, logits, sample)
 
     # ---- accounting ----------------------------------------------------------------------------------
     def kv_bytes_per_token(self) -> int:
