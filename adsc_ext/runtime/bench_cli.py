@@ -386,7 +386,7 @@ def run(args) -> int:
     argv = getattr(args, "argv", None)
     result = dict(device=dev_name, torch=torch.__version__, cuda=torch.version.cuda,
                   date=now.isoformat(timespec="seconds"),
-                  command=" ".join(["adsc", "bench", *argv]) if argv is not None else " ".join(sys.argv),
+                  command=_command(argv),
                   backend=eng.backend, flops_ratio=report["ideal_speedup"],
                   wall_seconds=round(time.perf_counter() - t_start, 1), records=records, targets=targets)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -400,6 +400,13 @@ def run(args) -> int:
     _print_table(records, targets)
     print(f"wrote {stem}.json" + (f" and {plot}" if plot else ""))
     return 0
+
+
+def _command(argv: Optional[List[str]]) -> str:
+    """The command line as a user would type it (``adsc bench ...``)."""
+    if argv is None:  # through the ``adsc`` CLI: sys.argv is [prog, "bench", ...]
+        argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]
+    return " ".join(["adsc", "bench", *argv])
 
 
 def _targets(records, args, flops_ratio: float, device: torch.device) -> List[Dict[str, Any]]:
