@@ -8,7 +8,9 @@
 # Results go to $OUT (default: benchmarks/results/gpu-session): gpu_session.log with every step's
 # output and its exit status, and the bench JSON + PNG files. A failing step is logged and the
 # script goes on, so one run reports everything; the exit status is the number of failed steps.
-# Python packages the machine lacks (hypothesis, tqdm) may be carried as wheels in .whl/.
+# Python packages the machine lacks travel as wheels in .whl/ (see the device tool's README): at
+# least hypothesis (three test modules import it; without it their CUDA tests do not even collect),
+# and tqdm for a progress bar.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -54,12 +56,13 @@ build_test() {
     done
   done
   step pytest-cuda python3 -m pytest -q -m cuda -rs
-  step pytest-all python3 -m pytest -q -x -rs
+  step pytest-all python3 -m pytest -q -rs
 }
 
 bench() {
   # 16-token blocks: the KV-cache target (decode reads the cache through the gather path);
-  # 256-token blocks: decode reads the paged cache in place (varlen_attn / flash-attn block tables).
+  # 256-token blocks: decode reads the paged cache in place where flash-attn, or a torch whose
+  # varlen_attn takes block_table (2.12+), is there; the record's config says which (decode_path).
   step bench-block16 python3 -m adsc_ext bench --out-dir "$OUT" --no-progress
   step bench-block256 python3 -m adsc_ext bench --out-dir "$OUT" --no-progress --block-size 256 \
     --batches 8,32 --no-hf --no-fastv

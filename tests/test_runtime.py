@@ -288,10 +288,12 @@ def test_bench_tiny_writes_the_record(tmp_path, capsys):
     args = parser.parse_args(["--tiny", "--out-dir", str(tmp_path), "--new-tokens", "3", "--repeats", "1",
                               "--batches", "2", "--prefill-batch", "2", "--decode-batch", "3", "--text-tokens", "8",
                               "--no-progress"])
+    args.argv = ["--tiny", "--new-tokens", "3"]  # what main() records as the command
     assert bench_cli.run(args) == 0
     (path,) = tmp_path.glob("*.json")
     res = json.loads(path.read_text())
     assert {"device", "torch", "cuda", "date", "command", "records", "targets"} <= set(res)
+    assert res["command"] == "adsc bench --tiny --new-tokens 3"
     metrics = {r["metric"]: r for r in res["records"]}
     assert set(metrics) == {
         "prefill_seconds_b2", "prefill_seconds_b3", "decode_tokens_per_s_b2", "decode_tokens_per_s_b3",
@@ -325,6 +327,8 @@ def test_bench_rejects_bad_batches():
         parser.parse_args(["--batches", "0,8"])
     with pytest.raises(SystemExit):
         parser.parse_args(["--batches", "a"])
+    with pytest.raises(ValueError, match="--new-tokens must be >= 2"):
+        bench_cli.run(parser.parse_args(["--tiny", "--new-tokens", "1"]))
 
 
 def _dense_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal):
@@ -406,9 +410,16 @@ def _torch_varlen_stand_in(signature, calls):
     return varlen_attn
 
 
-def test_flash_and_torch_varlen_wiring_with_stand_ins(monkeypatch, model):
+def _newest_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                   window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    """torch 2.12/2.13's varlen_attn signature, recorded so the paged path is tested on every torch."""
+    raise AssertionError("only the signature is used")
+
+
+@pytest.mark.parametrize("signature", ["installed", "torch-2.13"])
+def test_flash_and_torch_varlen_wiring_with_stand_ins(monkeypatch, model, signature):
     """The CUDA backends' call wiring on the CPU: flash-attn 2.8 stand-ins with its recorded signatures,
-    and this torch's own ``varlen_attn`` signature (paged decode with ``block_table`` included)."""
+    and torch's ``varlen_attn`` signature (this torch's own, and 2.13's with ``block_table``)."""
     import inspect
     import sys
     import types
@@ -422,19 +433,51 @@ def test_flash_and_torch_varlen_wiring_with_stand_ins(monkeypatch, model):
     fake.flash_attn_with_kvcache = _flash_attn_with_kvcache
     monkeypatch.setitem(sys.modules, "flash_attn", fake)
     monkeypatch.setattr(A, "_unavailable_reason", lambda name, device: None)
+    sig = inspect.signature(tv.varlen_attn if signature == "installed" else _newest_varlen)
+    tv_paged = {"block_table", "seqused_k"} <= set(sig.parameters)
     tv_calls = []
-    monkeypatch.setattr(tv, "varlen_attn", _torch_varlen_stand_in(inspect.signature(tv.varlen_attn), tv_calls))
+    monkeypatch.setattr(tv, "varlen_attn", _torch_varlen_stand_in(sig, tv_calls))
     reqs, _ = requests(model)
     want = Engine(model, SCHED, backend="sdpa", block_size=4).generate(reqs, max_new_tokens=4)
     _FLASH_KVCACHE_CALLS.clear()
     for backend, bs, path in (("flash_attn", 256, "paged"), ("flash_attn", 4, "gather"),
-                              ("torch_varlen", 4, "gather"), ("torch_varlen", 256, "paged")):
+                              ("torch_varlen", 4, "gather"), ("torch_varlen", 256, "paged" if tv_paged else "gather")):
         eng = Engine(model, SCHED, backend=backend, block_size=bs)
         assert (eng.backend, eng.attention.decode_path) == (backend, path)
         assert eng.generate(reqs, max_new_tokens=4) == want
         assert eng.stats["decode_path"] == path
     assert _FLASH_KVCACHE_CALLS and set(_FLASH_KVCACHE_CALLS) == {256}  # paged flash decode only with 256-token blocks
-    assert tv_calls and set(tv_calls) == {256}
+    assert set(tv_calls) == ({256} if tv_paged else set())
+    if signature == "torch-2.13":
+        assert tv_paged
+
+
+def test_torch_varlen_refusing_block_tables_falls_back_to_gather(monkeypatch, model):
+    """A torch whose FlashAttention build rejects block tables: one RuntimeWarning, then gather."""
+    import inspect
+
+    import torch.nn.attention.varlen as tv
+
+    from adsc_ext.runtime import attention as A
+
+    calls = []
+    inner = _torch_varlen_stand_in(inspect.signature(_newest_varlen), calls)
+
+    def refusing(*args, **kwargs):
+        if kwargs.get("block_table") is not None:
+            raise RuntimeError("Paged KV cache block size must be divisible by 256")  # as FA2 would
+        return inner(*args, **kwargs)
+
+    refusing.__signature__ = inspect.signature(_newest_varlen)
+    monkeypatch.setattr(tv, "varlen_attn", refusing)
+    monkeypatch.setattr(A, "_unavailable_reason", lambda name, device: None)
+    reqs, _ = requests(model)
+    want = Engine(model, SCHED, backend="sdpa", block_size=256).generate(reqs, max_new_tokens=3)
+    eng = Engine(model, SCHED, backend="torch_varlen", block_size=256)
+    assert eng.attention.decode_path == "paged"
+    with pytest.warns(RuntimeWarning, match="refused the paged KV cache"):
+        assert eng.generate(reqs, max_new_tokens=3) == want
+    assert eng.stats["decode_path"] == eng.attention.decode_path == "gather"
 
 
 def test_torch_varlen_older_signature(monkeypatch, model):
@@ -455,8 +498,8 @@ def test_torch_varlen_older_signature(monkeypatch, model):
     reqs, _ = requests(model)
     want = Engine(model, SCHED, backend="sdpa", block_size=4).generate(reqs, max_new_tokens=3)
     eng = Engine(model, SCHED, backend="torch_varlen", block_size=256)
+    # (a paged call could not even bind this signature: the stand-in would raise TypeError)
     assert eng.attention.decode_path == "gather" and eng.generate(reqs, max_new_tokens=3) == want
-    assert not calls
     q = torch.randn(3, 4, 8)
     with pytest.raises(ValueError, match="no scale argument"):
         eng.attention.varlen_prefill(q, q, q, torch.tensor([0, 3], dtype=torch.int32), 3, 0.5)
@@ -500,9 +543,10 @@ def _cuda_backends():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("block_size", [16, 256])
 def test_cuda_bf16_engine_matches_fp32(block_size):
-    """LLaVA-1.5-7B shapes (4 decoder layers, random weights): every CUDA backend in bf16 against the
-    fp32 SDPA engine on the same GPU. bf16 keeps ~8 bits of mantissa, so the logits agree to a few
-    percent of their range and in direction (cosine), not bit for bit."""
+    """LLaVA-1.5-7B shapes (4 decoder layers, random weights) on a GPU: every CUDA backend in bf16
+    against the fp32 SDPA engine. FlashAttention's accuracy rule: a backend's error against fp32 is
+    at most twice that of the plain SDPA engine run in bf16. The first decode step (the paged cache)
+    is compared with the bf16 SDPA engine's, on the rows where both picked the same first token."""
     from transformers import LlavaForConditionalGeneration
 
     from adsc_ext.hf.tiny import llava15_7b_config
@@ -517,21 +561,27 @@ def test_cuda_bf16_engine_matches_fp32(block_size):
     m16.cuda()
     g = torch.Generator().manual_seed(0)
     reqs = []
-    for text in (64, 7, 130):
-        ids = torch.cat([torch.tensor([1]), torch.full((576,), cfg.image_token_id), torch.randint(3, 30000, (text,), generator=g)])
+    for text in (64, 7, 130, 20, 1, 33):
+        ids = torch.cat([torch.tensor([1]), torch.full((576,), cfg.image_token_id),
+                         torch.randint(3, 30000, (text,), generator=g)])
         reqs.append(dict(input_ids=ids, pixel_values=torch.randn(1, 3, 336, 336, generator=g)))
     reqs.append(dict(input_ids=torch.randint(3, 30000, (40,), generator=g), pixel_values=None))
+    reqs.append(dict(input_ids=torch.randint(3, 30000, (300,), generator=g), pixel_values=None))
     sched = "1:2,2:2,3:2"
-    ref = Engine(m32, sched, backend="sdpa", block_size=block_size).generate(reqs, max_new_tokens=4, return_logits=True)
+    ref = Engine(m32, sched, backend="sdpa", block_size=block_size).generate(reqs, max_new_tokens=2, return_logits=True)
+    sdpa16 = Engine(m16, sched, backend="sdpa", block_size=block_size).generate(reqs, max_new_tokens=2,
+                                                                                return_logits=True)
+    base = max((l16[0] - l32[0]).abs().max().item() for (_, l32), (_, l16) in zip(ref, sdpa16))
+    scale = max(l32[0].abs().max().item() for _, l32 in ref)
     for backend in _cuda_backends():
         eng = Engine(m16, sched, backend=backend, block_size=block_size)
-        out = eng.generate(reqs, max_new_tokens=4, return_logits=True)
-        # Step 0 is the prefill; step 1, the first paged decode step, is compared where both picked
-        # the same first token (random-weight logits are near ties, so bf16 may pick another).
-        for (t32, l32), (t16, l16) in zip(ref, out):
-            cos = torch.nn.functional.cosine_similarity(l16[0], l32[0], dim=0)
-            assert cos > 0.995, (backend, block_size, float(cos))
-            assert (l16[0] - l32[0]).abs().max() <= 0.05 * l32[0].abs().max(), backend
-            if t16[:1] == t32[:1]:  # same first token: the decode step saw the same input
-                cos1 = torch.nn.functional.cosine_similarity(l16[1], l32[1], dim=0)
-                assert cos1 > 0.99, (backend, block_size, float(cos1))
+        out = eng.generate(reqs, max_new_tokens=2, return_logits=True)
+        err = max((l16[0] - l32[0]).abs().max().item() for (_, l32), (_, l16) in zip(ref, out))
+        assert err <= 2 * base + 1e-3 * scale, (backend, block_size, err, base)
+        compared = 0
+        for (t_ref, l_ref), (t, l) in zip(sdpa16, out):
+            if t[0] == t_ref[0]:
+                compared += 1
+                cos = torch.nn.functional.cosine_similarity(l[1], l_ref[1], dim=0)
+                assert cos > 0.99, (backend, eng.attention.decode_path, float(cos))
+        assert compared >= len(reqs) // 2, (backend, compared)

@@ -13,7 +13,9 @@ One :class:`Attention` object picks the backend and says which one it uses (``.n
 
 Decode reads the paged cache in place (:attr:`Attention.decode_path` ``"paged"``) when the backend
 has a paged kernel and the block size is a multiple of 256 (what FlashAttention-2's paged kernels
-accept); otherwise it gathers each sequence's blocks and runs masked SDPA (``"gather"``).
+accept); otherwise it gathers each sequence's blocks and runs masked SDPA (``"gather"``). If
+torch's ``varlen_attn`` refuses the block table on its first paged call (its FlashAttention build
+may lack paged support), a ``RuntimeWarning`` says so and decode gathers from then on.
 
 ``backend=None`` (auto) picks the first available of flash_attn, torch_varlen, sdpa.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import warnings
 from typing import FrozenSet, List, Optional
 
 import torch
@@ -102,6 +105,8 @@ class Attention:
                              f"this torch ({torch.__version__}) has an API adsc_ext does not know")
         paged = self.name == "flash_attn" or {"block_table", "seqused_k"} <= self._tv
         self.block_size = block_size
+        self._paged_checked = self.name != "torch_varlen"
+        self._cu_q: Optional[torch.Tensor] = None
         self.decode_path = ("paged" if paged and block_size is not None and block_size % PAGED_BLOCK_MULTIPLE == 0
                             else "gather")
 
@@ -174,10 +179,28 @@ class Attention:
             o = flash_attn_with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=seq_lens,
                                         block_table=block_tables, softmax_scale=scale, causal=True)
             return o[:, 0]
+        if not self._paged_checked:
+            # torch's own FlashAttention may refuse block tables on some GPUs or builds (its
+            # checks run on the host, when the call is made): then say so once and gather.
+            try:
+                out = self._torch_varlen_paged(q, k_cache, v_cache, block_tables, seq_lens, scale, cu_seqlens_k)
+            except RuntimeError as exc:
+                warnings.warn(f"varlen_attn refused the paged KV cache ({exc}); decode gathers the cache instead",
+                              RuntimeWarning, stacklevel=2)
+                self.decode_path = "gather"
+                return paged_decode_gather(q, k_cache, v_cache, block_tables, seq_lens, scale)
+            self._paged_checked = True
+            return out
+        return self._torch_varlen_paged(q, k_cache, v_cache, block_tables, seq_lens, scale, cu_seqlens_k)
+
+    def _torch_varlen_paged(self, q, k_cache, v_cache, block_tables, seq_lens, scale, cu_seqlens_k):
+        bs = k_cache.shape[1]
         B = q.shape[0]
         if cu_seqlens_k is None:
             cu_seqlens_k = F.pad(seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
-        cu_q = torch.arange(B + 1, dtype=torch.int32, device=q.device)
+        cu_q = self._cu_q
+        if cu_q is None or cu_q.numel() != B + 1 or cu_q.device != q.device:
+            cu_q = self._cu_q = torch.arange(B + 1, dtype=torch.int32, device=q.device)  # reused across layers
         # One query per sequence attends to all its keys: no causal mask needed.
         return self._torch_varlen(q, k_cache, v_cache, cu_q, cu_seqlens_k, 1, block_tables.shape[1] * bs, scale,
                                   False, seqused_k=seq_lens, block_table=block_tables)

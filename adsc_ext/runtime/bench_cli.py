@@ -126,6 +126,9 @@ def _kernel_time(fn: Callable[[], Any], device, iters: int = 50, repeats: int = 
     for _ in range(repeats):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            # Keep the GPU busy while the launches are queued, so that the events time the kernels
+            # back to back, not the host's launch rate (a short kernel beats a Python op's launch).
+            torch.cuda._sleep(50_000_000)
             start.record()
             for _ in range(iters):
                 fn()
@@ -145,6 +148,18 @@ def _copy_bandwidth(device, nbytes: int) -> float:
     x = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
     y = torch.empty_like(x)
     return 2 * x.numel() * 4 / _kernel_time(lambda: y.copy_(x), device)
+
+
+def _release(engines, device) -> None:
+    """Drop the engines' last KV pools and return cached blocks, so that the next peak is its own."""
+    import gc
+
+    for e in engines:
+        e.last_pool = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def _device_name(device: torch.device) -> str:
@@ -210,6 +225,8 @@ def run(args) -> int:
     schedule = args.schedule if args.schedule is not None else ("2:2,4:2,6:2" if args.tiny else "8:2,16:2,24:2")
     new_tokens = args.new_tokens if args.new_tokens is not None else (32 if args.tiny else 256)
     repeats = max(1, args.repeats)
+    if new_tokens < 2:
+        raise ValueError(f"--new-tokens must be >= 2 (decode throughput needs a decode step), got {new_tokens}")
     batches = sorted(set(args.batches) | {args.prefill_batch, args.decode_batch})
     steps = 2 + 2 * len(batches) * 2 + (0 if args.no_hf else 2) + (0 if args.no_fastv else 1) + 1
     prog = _Progress(steps, not args.no_progress)
@@ -220,10 +237,12 @@ def run(args) -> int:
     engines = {name: Engine(model, sched, backend=args.backend, block_size=args.block_size)
                for name, sched in (("baseline", ""), ("adsc", schedule))}
     eng = engines["adsc"]
+    weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     report = plan_report(spec_from_config(model.config.to_dict(), "model"), schedule, 1 + args.text_tokens, 1,
                          dtype_bytes=torch.empty((), dtype=dtype).element_size())
     base_cfg = dict(model="tiny-llava" if args.tiny else "llava-1.5-7b (random weights)", dtype=dtype_name,
-                    schedule=schedule, backend=eng.backend, block_size=args.block_size,
+                    schedule=schedule, backend=eng.backend, decode_path=eng.attention.decode_path,
+                    block_size=args.block_size,
                     prompt=f"1 BOS + {eng.tokens_per_image} image + {args.text_tokens} text tokens",
                     repeats=repeats)
     records: List[Dict[str, Any]] = []
@@ -254,9 +273,7 @@ def run(args) -> int:
         reqs = _requests(model, b, args.text_tokens, seed=100 + b)
         dec, kv, mem = {}, {}, {}
         for name, e in engines.items():
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
+            _release(engines.values(), device)
             e.generate(reqs, max_new_tokens=new_tokens)
             dec[name] = e.stats["decode_tokens"] / max(e.stats["decode_seconds"], 1e-12)
             kv[name] = e.stats["peak_kv_bytes"]
@@ -275,31 +292,38 @@ def run(args) -> int:
             if mem:
                 records.append(kv_record)
                 record("peak_gpu_memory_bytes", "bytes", mem["baseline"], mem["adsc"], batch=b, new_tokens=new_tokens,
-                       what="torch.cuda.max_memory_allocated over the decode run (weights included)")
+                       weights_bytes=weights_bytes,
+                       what="torch.cuda.max_memory_allocated over the decode run, weights included "
+                            "(the other engine's pool freed first)")
                 kv_record = None
     if kv_record is not None:
         records.append(kv_record)
 
     # ---- Hugging Face generate() with SDPA, with and without ADSC ----------------------------------------
     if not args.no_hf:
-        def hf_times(m, reqs, n):
+        def hf_gen(m, reqs):
             ids, pix = _padded(reqs, device, dtype)
-            mask = torch.ones_like(ids)
-            gen = dict(input_ids=ids, pixel_values=pix, attention_mask=mask, do_sample=False,
+            gen = dict(input_ids=ids, pixel_values=pix, attention_mask=torch.ones_like(ids), do_sample=False,
                        suppress_tokens=[model.config.image_token_id], pad_token_id=0)
-            with torch.inference_mode():
-                t1 = _median_time(lambda: m.generate(**gen, max_new_tokens=1, min_new_tokens=1), repeats, device)
-                tn = _median_time(lambda: m.generate(**gen, max_new_tokens=n, min_new_tokens=n), 1, device)
-            return t1, len(reqs) * (n - 1) / max(tn - t1, 1e-12)
+            return lambda n: m.generate(**gen, max_new_tokens=n, min_new_tokens=n)
 
+        _release(engines.values(), device)
         hf = {}
-        pre_reqs = _requests(model, args.prefill_batch, args.text_tokens, seed=args.prefill_batch)
-        dec_reqs = _requests(model, args.decode_batch, args.text_tokens, seed=100 + args.decode_batch)
+        pre = hf_gen(model, _requests(model, args.prefill_batch, args.text_tokens, seed=args.prefill_batch))
+        dec = hf_gen(model, _requests(model, args.decode_batch, args.text_tokens, seed=100 + args.decode_batch))
         for name, sched in (("baseline", None), ("adsc", schedule)):
             if sched is not None:
                 apply_adsc(model, sched)
             try:
-                hf[name] = (hf_times(model, pre_reqs, 1)[0], hf_times(model, dec_reqs, new_tokens)[1])
+                with torch.inference_mode():
+                    ttft = _median_time(lambda: pre(1), repeats, device)
+                    t1 = _median_time(lambda: dec(1), 1, device)
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    dec(new_tokens)  # warm already (dec(1) ran the same shapes)
+                    _sync(device)
+                    tn = time.perf_counter() - t0
+                hf[name] = (ttft, args.decode_batch * (new_tokens - 1) / max(tn - t1, 1e-12))
             finally:
                 if sched is not None:
                     remove_adsc(model)
@@ -309,7 +333,7 @@ def run(args) -> int:
                what="transformers generate(max_new_tokens=1), sdpa; adsc = apply_adsc")
         record(f"hf_decode_tokens_per_s_b{args.decode_batch}", "tokens/s", hf["baseline"][1], hf["adsc"][1],
                batch=args.decode_batch, new_tokens=new_tokens, speedup=hf["adsc"][1] / hf["baseline"][1],
-               what="transformers generate, (time(n) - time(1)) / (batch * (n - 1))")
+               what="transformers generate: batch * (n - 1) tokens / (time(n) - time(1))")
 
     # ---- FastV-style pruning (eager attention) at the same token budget ----------------------------------
     if not args.no_fastv:
