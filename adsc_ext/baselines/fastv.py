@@ -140,7 +140,7 @@ class FastV:
         unless ``suppress_image_token=False`` (as in :meth:`adsc_ext.runtime.Engine.generate`)."""
         from transformers import DynamicCache
 
-        from ..hf.llava import _image_features
+        from ..hf.llava import embed_with_images
 
         self._check(input_ids, pixel_values)
         if max_new_tokens < 1:
@@ -148,11 +148,8 @@ class FastV:
         dev = next(self.model.parameters()).device
         ids = input_ids.to(dev)
         B, T = ids.shape
-        h = self.model.get_input_embeddings()(ids)
+        h = embed_with_images(self.model, ids, pixel_values, self.image_token_id)
         is_img = ids == self.image_token_id
-        if pixel_values is not None and pixel_values.shape[0]:
-            feats = _image_features(self.model, pixel_values.to(dev, h.dtype), None, None, None, None).to(h.dtype)
-            h = h.masked_scatter(is_img[..., None], feats)
         pos = torch.arange(T, device=dev).expand(B, T)
         cos, sin = self.text.rotary_emb(h, pos)
         cache = DynamicCache(config=self.text.config)
@@ -163,6 +160,7 @@ class FastV:
             return m[None, None].expand(B, 1, t, t)
 
         logits_out = []
+        scores: Optional[torch.Tensor] = None  # set by layer K-1 (layer >= 1 is checked), read at layer K
         with _eager(self.text.config):
             mask = causal(T)
             for l in range(self.num_layers):

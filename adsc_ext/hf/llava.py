@@ -599,6 +599,17 @@ def _image_features(model, pixel_values, mm, vfl, vfss, image_sizes) -> Optional
     return feats.reshape(-1, feats.shape[-1])
 
 
+def embed_with_images(model, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
+                      image_token_id: int) -> torch.Tensor:
+    """Token embeddings of ``input_ids`` (any shape) with the projected image features scattered
+    into the image-token rows, in order (the runtime engine's and the FastV baseline's input)."""
+    h = model.get_input_embeddings()(input_ids)
+    if pixel_values is not None and pixel_values.shape[0]:
+        feats = _image_features(model, pixel_values.to(h.device, h.dtype), None, None, None, None).to(h.dtype)
+        h = h.masked_scatter((input_ids == image_token_id)[..., None], feats)
+    return h
+
+
 def _adsc_forward(
     self,
     *,

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
 from .attention import Attention
 from .kv_pool import KVCapacityError, StagedKVPool, blocks_needed
@@ -61,7 +62,7 @@ class _DecodeBatch:
     block_tables: List[torch.Tensor]  # per stage, int32 [B, max_blocks]
     lens: List[torch.Tensor]  # per stage, int32 [B]: tokens cached before this step's token
     pos: torch.Tensor  # int64 [B]: position of this step's token
-    pool: Any = None
+    pool: StagedKVPool
 
 
 class Engine:
@@ -124,6 +125,7 @@ class Engine:
             self._fixed_blocks = nb
             self.pool = self._new_pool(nb)
         self.stats: Dict[str, Any] = {}
+        self._dstate: Optional[_DecodeBatch] = None  # decode layout of the running batch
 
     @property
     def backend(self) -> str:
@@ -346,6 +348,7 @@ class Engine:
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
     def _prefill(self, pool: StagedKVPool, seqs: List[_Seq], sample) -> None:
+        from ..hf.llava import embed_with_images
         from ..ops import compact_tokens, stage_plan
 
         dev = self.device
@@ -355,13 +358,8 @@ class Engine:
         for n in lens:
             cu0.append(cu0[-1] + n)
         cu = torch.tensor(cu0, dtype=torch.int32, device=dev)
-        h = self.model.get_input_embeddings()(ids)
         pix = [s.pixel_values for s in seqs if s.pixel_values is not None]
-        if pix:
-            from ..hf.llava import _image_features
-
-            feats = _image_features(self.model, torch.cat(pix), None, None, None, None).to(h.dtype)
-            h = h.masked_scatter((ids == self.image_token_id)[:, None], feats)
+        h = embed_with_images(self.model, ids, torch.cat(pix) if pix else None, self.image_token_id)
         plan = stage_plan(self.schedule, input_ids=ids, cu_seqlens=cu, image_token_id=self.image_token_id,
                           grid=self.grid)  # one host-device synchronisation per batch
         # Host-side per-stage layout (from the request shapes; equals the plan's seq_lens).
@@ -406,17 +404,13 @@ class Engine:
         lens = [torch.tensor([s.stage_lens[k] + len(s.generated) - 1 for s in seqs], dtype=torch.int32, device=dev)
                 for k in range(len(self.stages))]
         pos = torch.tensor([s.n + len(s.generated) - 1 for s in seqs], device=dev)  # n + t
-        return _DecodeBatch(rids, bts, lens, pos)
+        return _DecodeBatch(rids, bts, lens, pos, pool)
 
     def _decode_step(self, pool: StagedKVPool, seqs: List[_Seq], sample) -> None:
-        import torch.nn.functional as F
-
         dev = self.device
-        state = getattr(self, "_dstate", None)
+        state = self._dstate
         if state is None or state.pool is not pool or state.rids != [s.rid for s in seqs]:
-            state = self._decode_layout(pool, seqs)
-            state.pool = pool
-            self._dstate = state
+            state = self._dstate = self._decode_layout(pool, seqs)
         toks = torch.tensor([s.generated[-1] for s in seqs], device=dev)
         h = self.model.get_input_embeddings()(toks)
         cos, sin = self.text.rotary_emb(h[None], state.pos[None])
@@ -428,7 +422,8 @@ class Engine:
             blk = bt.gather(1, (at // bs).long()[:, None])[:, 0]
             slots = blk.long() * bs + (at % bs).long()
             seq_lens = at + 1
-            cu_k = F.pad(seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
+            cu_k = (F.pad(seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
+                    if self.attention.decode_path == "paged" else None)  # only the paged varlen call reads it
             per_stage.append((slots, bt, seq_lens, cu_k))
         for l in range(self.num_layers):
             slots, bt, seq_lens, cu_k = per_stage[self.stage_of_layer[l]]
