@@ -268,7 +268,6 @@ def run(args) -> int:
                what="engine time to first token (vision tower + packed prefill + first token)")
 
     # ---- engine: decode throughput, peak KV bytes, peak GPU memory ----------------------------------
-    kv_record = None
     for b in batches:
         reqs = _requests(model, b, args.text_tokens, seed=100 + b)
         dec, kv, mem = {}, {}, {}
@@ -281,23 +280,20 @@ def run(args) -> int:
                 mem[name] = torch.cuda.max_memory_allocated(device)
             prog.step(f"decode b{b} {name}")
         record(f"decode_tokens_per_s_b{b}", "tokens/s", dec["baseline"], dec["adsc"], batch=b, new_tokens=new_tokens,
-               speedup=dec["adsc"] / dec["baseline"], what="engine decode steps after the prefill")
-        if b == args.decode_batch:
-            analytic = eng.analytic_kv_tokens(reqs, new_tokens) / engines["baseline"].analytic_kv_tokens(reqs, new_tokens)
-            ratio = kv["adsc"] / kv["baseline"]
-            kv_record = dict(metric="peak_kv_bytes", unit="bytes", baseline=kv["baseline"], adsc=kv["adsc"],
-                             config=dict(base_cfg, batch=b, new_tokens=new_tokens, ratio=ratio, analytic_ratio=analytic,
-                                         ratio_error=abs(ratio - analytic) / analytic,
-                                         what="KV blocks held at the peak (blocks reserved for prompt + new tokens)"))
-            if mem:
-                records.append(kv_record)
-                record("peak_gpu_memory_bytes", "bytes", mem["baseline"], mem["adsc"], batch=b, new_tokens=new_tokens,
-                       weights_bytes=weights_bytes,
-                       what="torch.cuda.max_memory_allocated over the decode run, weights included "
-                            "(the other engine's pool freed first)")
-                kv_record = None
-    if kv_record is not None:
-        records.append(kv_record)
+               speedup=dec["adsc"] / dec["baseline"], decode_path=eng.stats["decode_path"],
+               what="engine decode steps after the prefill")
+        if b != args.decode_batch:
+            continue
+        analytic = eng.analytic_kv_tokens(reqs, new_tokens) / engines["baseline"].analytic_kv_tokens(reqs, new_tokens)
+        ratio = kv["adsc"] / kv["baseline"]
+        record("peak_kv_bytes", "bytes", kv["baseline"], kv["adsc"], batch=b, new_tokens=new_tokens, ratio=ratio,
+               analytic_ratio=analytic, ratio_error=abs(ratio - analytic) / analytic,
+               what="KV blocks held at the peak (blocks reserved for prompt + new tokens)")
+        if mem:
+            record("peak_gpu_memory_bytes", "bytes", mem["baseline"], mem["adsc"], batch=b, new_tokens=new_tokens,
+                   weights_bytes=weights_bytes,
+                   what="torch.cuda.max_memory_allocated over the decode run, weights included "
+                        "(the other engine's pool freed first)")
 
     # ---- Hugging Face generate() with SDPA, with and without ADSC ----------------------------------------
     if not args.no_hf:
