@@ -237,9 +237,14 @@ def image_features(model, pixel_values: torch.Tensor, vision_feature_layer=None,
 
 
 def embed_with_images(model, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
-                      image_token_id: Optional[int] = None) -> torch.Tensor:
+                      image_token_id: Optional[int] = None, *,
+                      num_image_tokens: Optional[int] = None) -> torch.Tensor:
     """Token embeddings of ``input_ids`` (any shape) ``[..., hidden]`` with the projected image
-    features scattered into the image-token rows, in order (LLaVA's rule)."""
+    features scattered into the image-token rows, in order (LLaVA's rule).
+
+    ``num_image_tokens``: the image tokens in ``input_ids`` if the caller already counted them on
+    the host; the check against the features is then made on the host, without counting on the
+    device (which would synchronise a GPU)."""
     model = unwrap(model)
     if image_token_id is None:
         image_token_id = llava_spec(model).image_token_id
@@ -247,7 +252,7 @@ def embed_with_images(model, input_ids: torch.Tensor, pixel_values: Optional[tor
     if pixel_values is not None and pixel_values.shape[0]:
         feats = image_features(model, pixel_values.to(h.device, h.dtype)).to(h.dtype)
         mask = input_ids == image_token_id
-        n = int(mask.sum())
+        n = int(mask.sum()) if num_image_tokens is None else int(num_image_tokens)
         if n != feats.shape[0]:
             raise AdscInputError(f"the input has {n} image tokens but the images give {feats.shape[0]} feature rows")
         h = h.masked_scatter(mask[..., None], feats)
