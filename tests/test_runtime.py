@@ -11,7 +11,7 @@ from adsc_ext.hf.tiny import TinyProcessor, tiny_llava  # noqa: E402
 from adsc_ext.runtime import (  # noqa: E402
     Attention, Engine, EngineInputError, KVCapacityError, StagedKVPool, select_backend,
 )
-from adsc_ext.runtime.attention import paged_decode_gather  # noqa: E402
+from adsc_ext.runtime.attention import gather_index, paged_decode_gather  # noqa: E402
 
 ROWS = [("ab", 1, "cd"), ("", 0, "plain text row"), ("x", 2, "y?")]  # 1, 0 and 2 images
 SCHED = "2:2,4:2"
@@ -267,7 +267,8 @@ def test_varlen_prefill_and_paged_decode_match_dense():
     bt = torch.zeros(3, 4, dtype=torch.int32)
     for i, t in enumerate(tables):
         bt[i, : len(t)] = torch.tensor(t)
-    o = paged_decode_gather(qd, kc, vc, bt, torch.tensor(seq_lens, dtype=torch.int32), 0.3)
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    o = paged_decode_gather(qd, kc, vc, gather_index(bt, sl, bt.shape[1], kc.shape[1]), 0.3)
     for i, n in enumerate(seq_lens):
         a = int(cu[i])
         kk = k[a:a + n].repeat_interleave(2, 1)
@@ -381,7 +382,8 @@ def _flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=Non
     assert q.dim() == 4 and q.shape[1] == 1 and k is None and v is None
     assert block_table.dtype == torch.int32 and cache_seqlens.dtype == torch.int32
     assert k_cache.shape[1] % 256 == 0  # flash-attn 2: "Paged KV cache block size must be divisible by 256"
-    o = paged_decode_gather(q[:, 0], k_cache, v_cache, block_table, cache_seqlens, softmax_scale)
+    gather = gather_index(block_table, cache_seqlens, block_table.shape[1], k_cache.shape[1])
+    o = paged_decode_gather(q[:, 0], k_cache, v_cache, gather, softmax_scale)
     return o[:, None]
 
 

@@ -13,9 +13,12 @@ One :class:`Attention` object picks the backend and says which one it uses (``.n
 
 Decode reads the paged cache in place (:attr:`Attention.decode_path` ``"paged"``) when the backend
 has a paged kernel and the block size is a multiple of 256 (what FlashAttention-2's paged kernels
-accept); otherwise it gathers each sequence's blocks and runs masked SDPA (``"gather"``). If
-torch's ``varlen_attn`` refuses the block table on its first paged call (its FlashAttention build
-may lack paged support), a ``RuntimeWarning`` says so and decode gathers from then on.
+accept, in flash-attn and in torch's own copy behind ``varlen_attn``); otherwise it gathers
+(``"gather"``): the caller builds one :class:`GatherIndex` per stage and step (the blocks in use,
+flattened, and the key mask) and every layer of the stage does one ``index_select`` of K and of V
+and one masked SDPA (GQA without repeating K/V). If torch's ``varlen_attn`` refuses the block
+table on its first paged call (its cuDNN backend, or a FlashAttention build without paged
+support), a ``RuntimeWarning`` says so and decode gathers from then on.
 
 ``backend=None`` (auto) picks the first available of flash_attn, torch_varlen, sdpa.
 """
@@ -25,17 +28,21 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import warnings
-from typing import FrozenSet, List, Optional
+from typing import FrozenSet, List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BACKENDS", "Attention", "available_backends", "select_backend"]
+__all__ = ["BACKENDS", "Attention", "GatherIndex", "available_backends", "gather_index", "paged_decode_gather",
+           "select_backend"]
 
 BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
 
 #: FlashAttention-2's paged kernels need blocks of a multiple of this many tokens.
 PAGED_BLOCK_MULTIPLE = 256
+
+#: SDPA takes ``enable_gqa`` (K/V heads shared by groups of query heads) from torch 2.5.
+_SDPA_GQA = torch.torch_version.TorchVersion(torch.__version__.split("+")[0]) >= (2, 5)
 
 
 def _has_flash_attn() -> bool:
@@ -94,7 +101,7 @@ def _torch_varlen_params() -> FrozenSet[str]:
 class Attention:
     """Prefill and decode attention with one backend (see the module docstring).
 
-    ``block_size`` (of the paged KV cache, if known) decides :attr:`decode_path`.
+    ``block_size`` (of the paged KV cache, if known) decides :attr:`decode_path`; it is not kept.
     """
 
     def __init__(self, backend: Optional[str] = None, device="cpu", block_size: Optional[int] = None):
@@ -104,7 +111,6 @@ class Attention:
             raise ValueError("torch.nn.attention.varlen.varlen_attn takes neither window_size nor is_causal: "
                              f"this torch ({torch.__version__}) has an API adsc_ext does not know")
         paged = self.name == "flash_attn" or {"block_table", "seqused_k"} <= self._tv
-        self.block_size = block_size
         self._paged_checked = self.name != "torch_varlen"
         self._cu_q: Optional[torch.Tensor] = None
         self.decode_path = ("paged" if paged and block_size is not None and block_size % PAGED_BLOCK_MULTIPLE == 0
@@ -163,16 +169,27 @@ class Attention:
         return out
 
     # ---- decode: one query per sequence over the paged cache --------------------------------------
+    def decode_cu_seqlens(self, seq_lens: torch.Tensor) -> Optional[torch.Tensor]:
+        """int32 ``[B+1]`` running sum of ``seq_lens`` where the paged call reads it (torch's
+        varlen path), else None: computed once per step and stage, not per layer."""
+        if self.name != "torch_varlen":
+            return None
+        return F.pad(seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
+
     def paged_decode(self, q, k_cache, v_cache, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                     scale: float, cu_seqlens_k: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     scale: float, cu_seqlens_k: Optional[torch.Tensor] = None,
+                     gather: Optional["GatherIndex"] = None) -> torch.Tensor:
         """q ``[B, H, D]`` (the newest token, already in the cache); caches
         ``[blocks, block_size, Hkv, D]``; block_tables int32 ``[B, max_blocks]``; seq_lens int32
         ``[B]`` (keys per sequence, the new one included) -> ``[B, H, D]``. ``cu_seqlens_k``
         (int32 ``[B+1]``, the running sum of ``seq_lens``) saves a cumsum per call on the paged
-        varlen path; callers compute it once per step and stage."""
+        varlen path; ``gather`` (from :func:`gather_index`) the index and mask of the gather path.
+        Callers compute both once per step and stage."""
         bs = k_cache.shape[1]
         if self.decode_path != "paged" or bs % PAGED_BLOCK_MULTIPLE:
-            return paged_decode_gather(q, k_cache, v_cache, block_tables, seq_lens, scale)
+            if gather is None:
+                gather = gather_index(block_tables, seq_lens, block_tables.shape[1], bs)
+            return paged_decode_gather(q, k_cache, v_cache, gather, scale)
         if self.name == "flash_attn":
             from flash_attn import flash_attn_with_kvcache
 
@@ -188,7 +205,8 @@ class Attention:
                 warnings.warn(f"varlen_attn refused the paged KV cache ({exc}); decode gathers the cache instead",
                               RuntimeWarning, stacklevel=2)
                 self.decode_path = "gather"
-                return paged_decode_gather(q, k_cache, v_cache, block_tables, seq_lens, scale)
+                gather = gather_index(block_tables, seq_lens, block_tables.shape[1], bs)
+                return paged_decode_gather(q, k_cache, v_cache, gather, scale)
             self._paged_checked = True
             return out
         return self._torch_varlen_paged(q, k_cache, v_cache, block_tables, seq_lens, scale, cu_seqlens_k)
@@ -206,15 +224,39 @@ class Attention:
                                   False, seqused_k=seq_lens, block_table=block_tables)
 
 
-def paged_decode_gather(q, k_cache, v_cache, block_tables, seq_lens, scale):
-    """The gather fallback: every sequence's blocks gathered to ``[B, nb*bs, Hkv, D]``, masked SDPA."""
+class GatherIndex(NamedTuple):
+    """What the gather path needs for one stage and step (shared by the stage's layers)."""
+
+    blocks: torch.Tensor  # int64 [B * width]: the blocks in use, row by row
+    mask: torch.Tensor  # bool [B, 1, 1, width * block_size]: the keys each sequence has
+    width: int  # blocks per sequence read (the longest sequence's blocks in use)
+
+
+def gather_index(block_tables: torch.Tensor, seq_lens: torch.Tensor, width: int, block_size: int) -> GatherIndex:
+    """The gather path's index and mask for ``block_tables [B, >= width]`` and ``seq_lens [B]``.
+
+    ``width`` (a host int: the engine knows every sequence's length) is the number of blocks in use
+    by the longest sequence, so the gather reads no reserved-but-empty blocks; a CUDA graph passes
+    the whole table width instead, for static shapes."""
+    B = block_tables.shape[0]
+    width = max(1, min(int(width), block_tables.shape[1]))
+    blocks = block_tables[:, :width].reshape(-1).long()
+    keys = torch.arange(width * block_size, device=block_tables.device)
+    mask = keys[None, :] < seq_lens.to(block_tables.device).long()[:, None]
+    return GatherIndex(blocks, mask.view(B, 1, 1, width * block_size), width)
+
+
+def paged_decode_gather(q, k_cache, v_cache, gather: GatherIndex, scale):
+    """The gather fallback: the blocks in use of every sequence gathered to ``[B, width*bs, Hkv, D]``
+    (one ``index_select`` each for K and V), then masked SDPA over them; K/V heads are not repeated
+    for GQA (SDPA's ``enable_gqa``)."""
     B, H, D = q.shape
-    nb, bs = block_tables.shape[1], k_cache.shape[1]
-    bt = block_tables.long()
-    k = k_cache[bt].reshape(B, nb * bs, k_cache.shape[2], D)
-    v = v_cache[bt].reshape(B, nb * bs, v_cache.shape[2], D)
-    k = _gqa(k, H, 2).transpose(1, 2)  # [B, H, K, D]
-    v = _gqa(v, H, 2).transpose(1, 2)
-    mask = torch.arange(nb * bs, device=q.device)[None, :] < seq_lens.to(q.device).long()[:, None]
-    o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask[:, None, None], scale=scale)
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    n = gather.width * bs
+    k = k_cache.index_select(0, gather.blocks).view(B, n, hkv, D).transpose(1, 2)  # [B, Hkv, n, D]
+    v = v_cache.index_select(0, gather.blocks).view(B, n, hkv, D).transpose(1, 2)
+    if hkv != H and not _SDPA_GQA:
+        k, v = _gqa(k, H, 1), _gqa(v, H, 1)
+    gqa = dict(enable_gqa=True) if hkv != H and _SDPA_GQA else {}
+    o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=gather.mask, scale=scale, **gqa)
     return o[:, :, 0]

@@ -111,7 +111,6 @@ class StagedKVPool:
             self.pools.append(pool)
         self.tables: Dict[object, List[List[int]]] = {}  # request id -> per stage block ids
         self._peak_used = 0
-        self._peak_blocks = [0] * len(self.pools)
 
     # ---- sizes ---------------------------------------------------------------------------------
     @property
@@ -161,7 +160,6 @@ class StagedKVPool:
         tables = [p.allocator.allocate(n) for n, p in zip(need, self.pools)]
         self.tables[rid] = tables
         self._peak_used = max(self._peak_used, self.used_bytes())
-        self._peak_blocks = [max(a, p.allocator.num_used) for a, p in zip(self._peak_blocks, self.pools)]
         return tables
 
     def free(self, rid) -> None:
@@ -178,12 +176,14 @@ class StagedKVPool:
             )
         return [table[j // bs] * bs + j % bs for j in range(start, start + count)]
 
-    def block_table_tensor(self, rids: Sequence, stage: int, device) -> torch.Tensor:
-        """int32 ``[len(rids), max_blocks]`` block tables of ``stage`` (padded with 0)."""
-        tabs = [self.tables[r][stage] for r in rids]
-        width = max([len(t) for t in tabs] + [1])
-        out = torch.zeros((len(tabs), width), dtype=torch.int32)
-        for i, t in enumerate(tabs):
-            if t:
-                out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        return out.to(device)
+    def block_table_rows(self, rids: Sequence, stage: int, width: int) -> List[int]:
+        """The block tables of ``stage`` for ``rids`` as one flat host list, row by row, each row
+        padded with block 0 to ``width`` (the caller uploads it with the batch's other integers)."""
+        out: List[int] = []
+        for r in rids:
+            t = self.tables[r][stage]
+            if len(t) > width:
+                raise ValueError(f"request {r!r} holds {len(t)} blocks in stage {stage}, more than width {width}")
+            out += t
+            out += [0] * (width - len(t))
+        return out
