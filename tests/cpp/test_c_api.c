@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 #endif
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -194,6 +195,173 @@ static void host_plan_compact_and_kv(void) {
   }
 }
 
+/* ---- Hardening (issue 14): inputs that once crashed, overflowed or read out of bounds ---------- */
+
+/* D1: B * S overflows int64 (4 * 2^62 wraps to 0 = num_tokens): rejected before multiplying. */
+static void padded_size_overflow(void) {
+  plan_fixture f;
+  uint8_t mask[1] = {1};
+  make_plan(&f);
+  f.p.layout = ADSC_LAYOUT_PADDED;
+  f.p.num_tokens = 0;
+  f.p.batch_size = 4;
+  f.p.padded_len = (int64_t)1 << 62;
+  f.p.mask = mask;
+  f.p.input_ids = NULL;
+  CHECK_FAILS(adsc_plan_host(&f.p), ADSC_INVALID_ARGUMENT, "4 rows x 4611686018427387904 slots");
+  f.p.batch_size = (int64_t)1 << 40; /* a batch the int32 offsets cannot hold */
+  f.p.padded_len = 0;
+  CHECK_FAILS(adsc_plan_host(&f.p), ADSC_INVALID_ARGUMENT, "batch_size");
+  make_plan(&f);
+  f.p.num_spans = INT64_MAX; /* 4 * num_spans would overflow */
+  f.p.input_ids = NULL;
+  f.p.spans = kIds;
+  CHECK_FAILS(adsc_plan_host(&f.p), ADSC_INVALID_ARGUMENT, "num_spans");
+}
+
+/* D3: sizes whose arithmetic overflowed int32 or int64. */
+static void overflowing_sizes(void) {
+  adsc_schedule s;
+  plan_fixture f;
+  int32_t gh[2], gw[2], summary[16] = {0};
+  CHECK(adsc_schedule_parse("1:2", &s) == ADSC_OK);
+  CHECK(adsc_schedule_validate(&s, 2, INT32_MAX, INT32_MAX, gh, gw) == ADSC_OK);
+  CHECK(gh[1] == INT32_MAX && gw[1] == 1073741824);
+  CHECK(adsc_plan_workspace_size(INT64_MAX / 2, 1) == -1);
+  CHECK(adsc_plan_workspace_size(-1, 1) == -1);
+  CHECK(adsc_plan_workspace_size(8, ADSC_MAX_STEPS + 1) == -1);
+  CHECK(adsc_plan_workspace_size(8, 1) == 40);
+  CHECK(adsc_plan_summary_size(INT32_MAX) == -1);
+  CHECK(adsc_plan_summary_size(-1) == -1);
+  CHECK(adsc_plan_summary_size(3) == 16);
+  CHECK(adsc_plan_stage_tokens(summary, INT32_MAX, 1) == -1);
+  make_plan(&f);
+  f.p.grid_h = 65536;
+  f.p.grid_w = 65536;
+  summary[0] = ADSC_PLAN_PARTIAL_IMAGE;
+  summary[1] = INT32_MAX;
+  summary[2] = INT32_MAX;
+  summary[3] = INT32_MAX;
+  CHECK_FAILS(adsc_plan_check_summary(summary, &f.p), ADSC_INVALID_INPUT, "(4294967296 tokens each)");
+  summary[0] = ADSC_PLAN_BAD_CU_SEQLENS;
+  CHECK_FAILS(adsc_plan_check_summary(summary, &f.p), ADSC_INVALID_INPUT, "cu_seqlens[2147483648]");
+  summary[0] = 1234;
+  CHECK_FAILS(adsc_plan_check_summary(summary, &f.p), ADSC_INVALID_INPUT, "unknown error code 1234");
+  {
+    float src[4] = {1, 2, 3, 4}, dst[4] = {0};
+    int32_t index[2] = {1, 0};
+    int64_t slots[2] = {1, 0};
+    adsc_compact_params c = {src, 2, INT64_MAX, dst, 2, 8, 8, index, 0};
+    adsc_paged_kv_params k = {src, src, 8, 8, dst, dst + 2, (int64_t)1 << 62, 2, 3, 8, slots};
+    CHECK_FAILS(adsc_compact_host(&c), ADSC_INVALID_ARGUMENT, "src");
+    c.src_row_stride = 8;
+    c.dst_row_stride = INT64_MAX;
+    CHECK_FAILS(adsc_compact_host(&c), ADSC_INVALID_ARGUMENT, "dst");
+    CHECK_FAILS(adsc_write_paged_kv_host(&k), ADSC_INVALID_ARGUMENT, "key_cache");
+    k.cache_stride = 8;
+    k.num_slots = 1;
+    k.key_stride = INT64_MAX;
+    CHECK_FAILS(adsc_write_paged_kv_host(&k), ADSC_INVALID_ARGUMENT, "key");
+  }
+}
+
+/* D3: enum fields out of range are checked as integers (never loaded into a C++ enum). */
+static void enums_out_of_range(void) {
+  plan_fixture f;
+  make_plan(&f);
+  f.p.layout = (adsc_layout)7;
+  CHECK_FAILS(adsc_plan_host(&f.p), ADSC_INVALID_ARGUMENT, "layout must be packed (0) or padded (1), got 7");
+  make_plan(&f);
+  f.p.layout = ADSC_LAYOUT_PADDED;
+  f.p.padded_len = 4;
+  f.p.batch_size = 2;
+  f.p.mask = kIds;
+  f.p.mask_type = (adsc_mask_type)9;
+  CHECK_FAILS(adsc_plan_host(&f.p), ADSC_INVALID_ARGUMENT, "unknown mask type 9");
+  CHECK(strcmp(adsc_status_name((adsc_status)99), "unknown status") == 0);
+  CHECK(strcmp(adsc_status_name(-1), "unknown status") == 0);
+}
+
+/* D3: zero-size rows with NULL buffers (memset/memcpy of NULL, 0 is undefined), misaligned
+ * pointers, and overlapping source and destination rows. */
+static void null_misaligned_and_overlapping(void) {
+  int32_t index[2] = {-1, -1};
+  adsc_compact_params c = {NULL, 0, 0, NULL, 2, 0, 0, index, 0};
+  CHECK(adsc_compact_host(&c) == ADSC_OK);
+  {
+    plan_fixture f;
+    int64_t ids[T + 1];
+    memcpy(ids, kIds, sizeof(kIds));
+    make_plan(&f);
+    f.p.input_ids = (const int64_t*)((const char*)ids + 1);
+    CHECK_FAILS(adsc_plan_host(&f.p), ADSC_INVALID_ARGUMENT, "input_ids must be aligned to 8 bytes");
+    make_plan(&f);
+    f.p.position_ids = (int64_t*)((char*)f.pos + 4);
+    CHECK_FAILS(adsc_plan_host(&f.p), ADSC_INVALID_ARGUMENT, "position_ids must be aligned to 8 bytes");
+  }
+  {
+    double rows[4] = {1, 2, 3, 4}, out[2] = {0};
+    int32_t idx[3] = {1, 0, 0};
+    adsc_compact_params g = {rows, 4, 8, out, 2, 8, 8, (const char*)idx + 2, 0};
+    CHECK_FAILS(adsc_compact_host(&g), ADSC_INVALID_ARGUMENT, "index must be aligned to 4 bytes");
+    g.index = idx;
+    g.dst = rows + 1; /* dst rows 1..2 are src rows */
+    CHECK_FAILS(adsc_compact_host(&g), ADSC_INVALID_ARGUMENT, "overlap");
+    g.dst = out;
+    CHECK(adsc_compact_host(&g) == ADSC_OK && out[0] == 2 && out[1] == 1);
+  }
+  {
+    float cache[8] = {0}, vcache[8] = {0}, key[2] = {1, 2};
+    int64_t slots[2] = {0, 1};
+    adsc_paged_kv_params k = {cache + 4, key, 4, 4, cache, vcache, 4, 2, 8, 4, slots};
+    CHECK_FAILS(adsc_write_paged_kv_host(&k), ADSC_INVALID_ARGUMENT, "overlap");
+    k.key = key;
+    k.value_cache = cache + 1; /* value_cache slot 0 is key_cache slot 1 */
+    k.num_slots = 2;
+    CHECK_FAILS(adsc_write_paged_kv_host(&k), ADSC_INVALID_ARGUMENT, "overlap");
+    k.value_cache = vcache;
+    k.slot_mapping = (const int64_t*)((const char*)slots + 4);
+    CHECK_FAILS(adsc_write_paged_kv_host(&k), ADSC_INVALID_ARGUMENT,
+                "slot_mapping must be aligned to 8 bytes");
+  }
+}
+
+/* D15: a hand-filled schedule is checked in full before it is formatted or used. */
+static void hand_filled_schedules(void) {
+  adsc_schedule s;
+  char text[64];
+  memset(&s, 0, sizeof(s));
+  s.num_steps = 1;
+  s.layers[0] = INT32_MIN;
+  s.factors[0] = 2;
+  CHECK_FAILS(adsc_schedule_format(&s, text, sizeof(text)), ADSC_INVALID_ARGUMENT,
+              "layer must be >= 1");
+  s.num_steps = 2;
+  s.layers[0] = 8;
+  s.layers[1] = 8;
+  s.factors[1] = 2;
+  CHECK_FAILS(adsc_schedule_format(&s, text, sizeof(text)), ADSC_INVALID_ARGUMENT,
+              "strictly increasing");
+  s.layers[1] = 9;
+  s.factors[1] = 3;
+  CHECK_FAILS(adsc_schedule_format(&s, text, sizeof(text)), ADSC_INVALID_ARGUMENT,
+              "factor must be 2 or 4");
+  s.factors[1] = 4;
+  CHECK(adsc_schedule_format(&s, text, sizeof(text)) == ADSC_OK && strcmp(text, "8:2,9:4") == 0);
+  CHECK_FAILS(adsc_schedule_parse("1234567890:2", &s), ADSC_INVALID_ARGUMENT, "expected 'layer:factor'");
+  CHECK_FAILS(adsc_schedule_parse("\xef\xbc\x98:2", &s), ADSC_INVALID_ARGUMENT, "expected 'layer:factor'");
+}
+
+/* D11: zero-block caches with every token skipped (-1) is a no-op, not a NULL-pointer error. */
+static void paged_kv_with_no_blocks(void) {
+  float key[4] = {1, 2, 3, 4};
+  int64_t slots[2] = {-1, -1};
+  adsc_paged_kv_params k = {key, key, 8, 8, NULL, NULL, 8, 2, 0, 8, slots};
+  CHECK(adsc_write_paged_kv_host(&k) == ADSC_OK);
+  slots[1] = 0;
+  CHECK_FAILS(adsc_write_paged_kv_host(&k), ADSC_INDEX_OUT_OF_RANGE, "slot_mapping[1] = 0");
+}
+
 /* Without a GPU (or without CUDA in the library) the *_device calls fail cleanly. With a GPU
  * they are exercised by the C++ CUDA tests and the cpp_service example instead. */
 static int gpu_present(void) {
@@ -255,6 +423,12 @@ int main(int argc, char** argv) {
       {"host_plan_compact_and_kv", host_plan_compact_and_kv},
       {"device_calls_without_gpu", device_calls_without_gpu},
       {"last_error_is_per_thread", last_error_is_per_thread},
+      {"padded_size_overflow", padded_size_overflow},
+      {"overflowing_sizes", overflowing_sizes},
+      {"enums_out_of_range", enums_out_of_range},
+      {"null_misaligned_and_overlapping", null_misaligned_and_overlapping},
+      {"hand_filled_schedules", hand_filled_schedules},
+      {"paged_kv_with_no_blocks", paged_kv_with_no_blocks},
   };
   size_t i;
   for (i = 0; argc == 2 && i < sizeof(cases) / sizeof(cases[0]); ++i) {

@@ -14,6 +14,9 @@
 namespace {
 
 static_assert(ADSC_MAX_STEPS == adsc::kMaxSteps, "adsc.h and schedule.h disagree on max steps");
+static_assert(ADSC_PLAN_MAX_TOKENS == adsc::kPlanMaxTokens &&
+                  ADSC_PLAN_SUMMARY_HEADER == adsc::kSummaryHeader,
+              "adsc.h and plan.h disagree on plan limits");
 static_assert(static_cast<int>(ADSC_NOT_COMPILED) == static_cast<int>(adsc::Status::kNotCompiled),
               "adsc.h and status.h disagree on status codes");
 static_assert(static_cast<int>(ADSC_PLAN_SPAN_GRID) == adsc::kPlanSpanGrid &&
@@ -110,8 +113,8 @@ extern "C" {
 
 const char* adsc_version(void) { return ADSC_VERSION_STRING; }
 const char* adsc_last_error(void) { return adsc::last_error(); }
-const char* adsc_status_name(adsc_status status) {
-  return adsc::status_name(static_cast<adsc::Status>(status));
+const char* adsc_status_name(int32_t status) {
+  return adsc::status_name(static_cast<adsc::Status>(status));  // Status is int-based: any value
 }
 
 adsc_status adsc_schedule_parse(const char* text, adsc_schedule* out) {
@@ -148,7 +151,9 @@ adsc_status adsc_schedule_validate(const adsc_schedule* schedule, int32_t num_la
 int64_t adsc_plan_workspace_size(int64_t num_tokens, int32_t num_steps) {
   return adsc::plan_workspace_size(num_tokens, num_steps);
 }
-int32_t adsc_plan_summary_size(int32_t num_steps) { return adsc::plan_summary_size(num_steps); }
+int32_t adsc_plan_summary_size(int32_t num_steps) {
+  return num_steps >= 0 && num_steps <= ADSC_MAX_STEPS ? adsc::plan_summary_size(num_steps) : -1;
+}
 int32_t adsc_plan_stage_tokens(const int32_t* summary, int32_t num_steps, int32_t stage) {
   const bool ok = summary && stage >= 0 && stage <= num_steps && num_steps <= ADSC_MAX_STEPS;
   return ok ? summary[adsc::summary_tokens(stage)] : -1;

@@ -83,6 +83,7 @@ template <typename Index>
 Status gather(const GatherRowsParams& p) {
   const Index* index = static_cast<const Index*>(p.index);
   ADSC_RETURN_IF_ERROR(check_indices("compact", index, p.dst_rows, p.src_rows));
+  if (p.row_bytes == 0) return Status::kOk;  // src and dst may be NULL: nothing to copy
   const char* src = static_cast<const char*>(p.src);
   char* dst = static_cast<char*>(p.dst);
   for (int64_t i = 0; i < p.dst_rows; ++i) {
@@ -112,6 +113,7 @@ template <typename Index>
 Status scatter_add_typed(const ScatterAddRowsParams& p) {
   ADSC_RETURN_IF_ERROR(check_indices("scatter_add", static_cast<const Index*>(p.index),
                                      p.src_rows, p.dst_rows));
+  if (p.row_elems == 0) return Status::kOk;
   auto same_f = [](float v) { return v; };
   auto same_d = [](double v) { return v; };
   switch (p.dtype) {

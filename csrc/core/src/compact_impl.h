@@ -2,6 +2,7 @@
 #pragma once
 
 #include "adsc/compact.h"
+#include "checks.h"
 
 namespace adsc {
 namespace detail {
@@ -22,22 +23,48 @@ inline Status check_gather_params(const GatherRowsParams& p) {
     return fail(Status::kInvalidArgument, "compact: row strides (%lld, %lld bytes) must be at "
                 "least the row size (%lld bytes)", static_cast<long long>(p.src_row_stride),
                 static_cast<long long>(p.dst_row_stride), static_cast<long long>(p.row_bytes));
+  ADSC_RETURN_IF_ERROR(check_aligned("compact", "index", p.index, p.index_is_int64 ? 8 : 4));
+  Extent src, dst;
+  ADSC_RETURN_IF_ERROR(row_extent("compact", "src", p.src, p.src_rows, p.src_row_stride,
+                                  p.row_bytes, &src));
+  ADSC_RETURN_IF_ERROR(row_extent("compact", "dst", p.dst, p.dst_rows, p.dst_row_stride,
+                                  p.row_bytes, &dst));
+  ADSC_RETURN_IF_ERROR(check_no_overlap("compact", "dst", dst, "src", src));
   return Status::kOk;
+}
+
+inline int dtype_bytes(DType dtype) {
+  return dtype == DType::kFloat64 ? 8 : dtype == DType::kFloat32 ? 4 : 2;
 }
 
 inline Status check_scatter_params(const ScatterAddRowsParams& p) {
   if (p.src_rows < 0 || p.dst_rows < 0 || p.row_elems < 0)
     return fail(Status::kInvalidArgument, "scatter_add: sizes must be >= 0");
-  if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16 &&
-      p.dtype != DType::kFloat64)
-    return fail(Status::kInvalidArgument, "scatter_add: unsupported dtype code %d",
-                static_cast<int>(p.dtype));
+  const int32_t dtype = static_cast<int32_t>(p.dtype);
+  if (dtype != static_cast<int32_t>(DType::kFloat32) && dtype != static_cast<int32_t>(DType::kFloat16) &&
+      dtype != static_cast<int32_t>(DType::kBFloat16) && dtype != static_cast<int32_t>(DType::kFloat64))
+    return fail(Status::kInvalidArgument, "scatter_add: unsupported dtype code %d", dtype);
   if (p.src_rows > 0 && (p.index == nullptr || (p.row_elems > 0 && (p.src == nullptr ||
                                                                    p.dst == nullptr))))
     return fail(Status::kInvalidArgument, "scatter_add: src, dst and index must not be null");
   if ((p.src_rows > 1 && p.src_row_stride < p.row_elems) ||
       (p.dst_rows > 1 && p.dst_row_stride < p.row_elems))
     return fail(Status::kInvalidArgument, "scatter_add: row strides must be at least the row size");
+  const int64_t esize = dtype_bytes(p.dtype);
+  constexpr int64_t kMaxElems = std::numeric_limits<int64_t>::max() / 8;
+  if (p.row_elems > kMaxElems || p.src_row_stride > kMaxElems || p.dst_row_stride > kMaxElems)
+    return fail(Status::kInvalidArgument, "scatter_add: row sizes and strides must be below 2^60 "
+                "elements");
+  ADSC_RETURN_IF_ERROR(check_aligned("scatter_add", "index", p.index, p.index_is_int64 ? 8 : 4));
+  ADSC_RETURN_IF_ERROR(check_aligned("scatter_add", "src", p.src, static_cast<uintptr_t>(esize)));
+  ADSC_RETURN_IF_ERROR(check_aligned("scatter_add", "dst", p.dst, static_cast<uintptr_t>(esize)));
+  Extent src, dst;
+  ADSC_RETURN_IF_ERROR(row_extent("scatter_add", "src", p.src, p.src_rows,
+                                  p.src_row_stride * esize, p.row_elems * esize, &src));
+  // dst is only written where an index points, but every row may be: its whole extent counts.
+  ADSC_RETURN_IF_ERROR(row_extent("scatter_add", "dst", p.dst, p.dst_rows,
+                                  p.dst_row_stride * esize, p.row_elems * esize, &dst));
+  ADSC_RETURN_IF_ERROR(check_no_overlap("scatter_add", "dst", dst, "src", src));
   return Status::kOk;
 }
 

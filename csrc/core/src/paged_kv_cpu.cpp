@@ -16,6 +16,7 @@ Status write_paged_kv_cpu(const PagedKVParams& p) noexcept {
                   static_cast<long long>(t), static_cast<long long>(slot),
                   static_cast<long long>(p.num_slots));
   }
+  if (p.row_bytes == 0) return Status::kOk;  // key, value and the caches may be NULL
   const size_t n = static_cast<size_t>(p.row_bytes);
   for (int64_t t = 0; t < p.num_tokens; ++t) {
     const int64_t slot = p.slot_mapping[t];

@@ -2,19 +2,24 @@
 #pragma once
 
 #include "adsc/paged_kv.h"
+#include "checks.h"
 
 namespace adsc {
 namespace detail {
 
 inline Status check_paged_kv_params(const PagedKVParams& p) {
+  constexpr const char* kFn = "write_paged_kv";
   if (p.num_tokens < 0 || p.num_slots < 0 || p.row_bytes < 0)
     return fail(Status::kInvalidArgument, "write_paged_kv: sizes must be >= 0 (num_tokens=%lld, "
                 "num_slots=%lld, row_bytes=%lld)", static_cast<long long>(p.num_tokens),
                 static_cast<long long>(p.num_slots), static_cast<long long>(p.row_bytes));
-  if (p.num_tokens > 0 && (p.slot_mapping == nullptr || p.key == nullptr || p.value == nullptr))
-    return fail(Status::kInvalidArgument,
-                "write_paged_kv: key, value and slot_mapping must not be null");
-  if (p.num_tokens > 0 && (p.key_cache == nullptr || p.value_cache == nullptr))
+  if (p.num_tokens > 0 && p.slot_mapping == nullptr)
+    return fail(Status::kInvalidArgument, "write_paged_kv: slot_mapping must not be null");
+  const bool copies = p.num_tokens > 0 && p.row_bytes > 0;
+  if (copies && (p.key == nullptr || p.value == nullptr))
+    return fail(Status::kInvalidArgument, "write_paged_kv: key and value must not be null");
+  // With no slots every token must be skipped (-1), so the caches are never touched.
+  if (copies && p.num_slots > 0 && (p.key_cache == nullptr || p.value_cache == nullptr))
     return fail(Status::kInvalidArgument,
                 "write_paged_kv: key_cache and value_cache must not be null");
   if ((p.num_tokens > 1 && (p.key_stride < p.row_bytes || p.value_stride < p.row_bytes)) ||
@@ -23,6 +28,20 @@ inline Status check_paged_kv_params(const PagedKVParams& p) {
                 "%lld bytes) must be at least the row size (%lld bytes)",
                 static_cast<long long>(p.key_stride), static_cast<long long>(p.value_stride),
                 static_cast<long long>(p.cache_stride), static_cast<long long>(p.row_bytes));
+  ADSC_RETURN_IF_ERROR(check_aligned(kFn, "slot_mapping", p.slot_mapping, 8));
+  Extent key, value, key_cache, value_cache;
+  ADSC_RETURN_IF_ERROR(row_extent(kFn, "key", p.key, p.num_tokens, p.key_stride, p.row_bytes, &key));
+  ADSC_RETURN_IF_ERROR(
+      row_extent(kFn, "value", p.value, p.num_tokens, p.value_stride, p.row_bytes, &value));
+  ADSC_RETURN_IF_ERROR(row_extent(kFn, "key_cache", p.key_cache, p.num_slots, p.cache_stride,
+                                  p.row_bytes, &key_cache));
+  ADSC_RETURN_IF_ERROR(row_extent(kFn, "value_cache", p.value_cache, p.num_slots, p.cache_stride,
+                                  p.row_bytes, &value_cache));
+  ADSC_RETURN_IF_ERROR(check_no_overlap(kFn, "key_cache", key_cache, "key", key));
+  ADSC_RETURN_IF_ERROR(check_no_overlap(kFn, "key_cache", key_cache, "value", value));
+  ADSC_RETURN_IF_ERROR(check_no_overlap(kFn, "value_cache", value_cache, "key", key));
+  ADSC_RETURN_IF_ERROR(check_no_overlap(kFn, "value_cache", value_cache, "value", value));
+  ADSC_RETURN_IF_ERROR(check_no_overlap(kFn, "key_cache", key_cache, "value_cache", value_cache));
   return Status::kOk;
 }
 

@@ -1,42 +1,61 @@
 // Host parts of the plan shared by both implementations: argument checks, the workspace size and
 // the translation of the summary's data errors into messages.
 #include <cstdint>
+#include <cstdio>
 #include <limits>
 
 #include "adsc/plan.h"
+#include "checks.h"
 
 namespace adsc {
 
 int64_t plan_workspace_size(int64_t num_tokens, int32_t num_steps) noexcept {
+  if (num_tokens < 0 || num_tokens > kPlanMaxTokens || num_steps < 0 || num_steps > kMaxSteps)
+    return -1;
   return num_tokens * (4 + static_cast<int64_t>(num_steps));  // pos, depth, real, rank per stage
 }
 
 Status check_plan_params(const PlanParams& p) noexcept {
   const int64_t T = p.num_tokens, B = p.batch_size;
-  if (p.layout != Layout::kPacked && p.layout != Layout::kPadded)
+  // Enum fields are compared as integers: a C caller may have stored any value in them.
+  const int32_t layout = static_cast<int32_t>(p.layout), mask_type = static_cast<int32_t>(p.mask_type);
+  if (layout != static_cast<int32_t>(Layout::kPacked) && layout != static_cast<int32_t>(Layout::kPadded))
     return fail(Status::kInvalidArgument, "plan: layout must be packed (0) or padded (1), got %d",
-                static_cast<int>(p.layout));
+                layout);
   if (T < 0 || B < 0)
     return fail(Status::kInvalidArgument, "plan: num_tokens and batch_size must be >= 0, got %lld "
                 "and %lld", static_cast<long long>(T), static_cast<long long>(B));
-  if (T > std::numeric_limits<int32_t>::max() / 2)
-    return fail(Status::kInvalidArgument, "plan: at most %d tokens per batch, got %lld",
-                std::numeric_limits<int32_t>::max() / 2, static_cast<long long>(T));
+  if (T > kPlanMaxTokens)
+    return fail(Status::kInvalidArgument, "plan: too many tokens: at most %lld tokens per batch, "
+                "got %lld", static_cast<long long>(kPlanMaxTokens), static_cast<long long>(T));
+  if (B > kPlanMaxTokens)
+    return fail(Status::kInvalidArgument, "plan: batch_size must be at most %lld (sequence "
+                "offsets are int32), got %lld", static_cast<long long>(kPlanMaxTokens),
+                static_cast<long long>(B));
   if (p.layout == Layout::kPacked) {
     if (p.cu_seqlens == nullptr)
       return fail(Status::kInvalidArgument, "plan: the packed layout needs cu_seqlens [B+1]");
+    ADSC_RETURN_IF_ERROR(detail::check_aligned("plan", "cu_seqlens", p.cu_seqlens, 4));
   } else {
-    if (p.padded_len < 0 || T != B * p.padded_len)
+    // B * S == T, tested without the product (which may overflow for a bad S).
+    const int64_t S = p.padded_len;
+    if (S < 0 || (B == 0 ? T != 0 : (S > T / B || B * S != T))) {
+      char want[32] = "more than 2^63";
+      if (S >= 0 && (B == 0 || S <= std::numeric_limits<int64_t>::max() / B))
+        std::snprintf(want, sizeof(want), "%lld", static_cast<long long>(B * S));
       return fail(Status::kInvalidArgument, "plan: padded layout of %lld rows x %lld slots needs "
-                  "num_tokens = %lld, got %lld", static_cast<long long>(B),
-                  static_cast<long long>(p.padded_len), static_cast<long long>(B * p.padded_len),
-                  static_cast<long long>(T));
+                  "num_tokens = %s, got %lld", static_cast<long long>(B),
+                  static_cast<long long>(S), want, static_cast<long long>(T));
+    }
+    if (mask_type != static_cast<int32_t>(MaskType::kUInt8) &&
+        mask_type != static_cast<int32_t>(MaskType::kInt32) &&
+        mask_type != static_cast<int32_t>(MaskType::kInt64))
+      return fail(Status::kInvalidArgument, "plan: unknown mask type %d: expected 0 (uint8/bool), "
+                  "1 (int32) or 2 (int64)", mask_type);
     if (T > 0 && p.mask == nullptr)
       return fail(Status::kInvalidArgument, "plan: the padded layout needs a mask [B, S]");
-    if (p.mask_type != MaskType::kUInt8 && p.mask_type != MaskType::kInt32 &&
-        p.mask_type != MaskType::kInt64)
-      return fail(Status::kInvalidArgument, "plan: unknown mask type %d",
-                  static_cast<int>(p.mask_type));
+    const uintptr_t mask_align = p.mask_type == MaskType::kInt64 ? 8 : p.mask_type == MaskType::kInt32 ? 4 : 1;
+    ADSC_RETURN_IF_ERROR(detail::check_aligned("plan", "mask", p.mask, mask_align));
   }
   if (p.num_steps < 0 || p.num_steps > kMaxSteps)
     return fail(Status::kInvalidArgument, "plan: a schedule has 0..%d steps, got %d", kMaxSteps,
@@ -48,13 +67,14 @@ Status check_plan_params(const PlanParams& p) noexcept {
   if (p.input_ids != nullptr && p.spans != nullptr)
     return fail(Status::kInvalidArgument,
                 "plan: give either input_ids (images are runs of image_token_id) or spans, not both");
-  if (p.num_spans < 0 || (p.num_spans > 0 && p.spans == nullptr))
-    return fail(Status::kInvalidArgument, "plan: num_spans=%lld needs a spans pointer",
-                static_cast<long long>(p.num_spans));
+  if (p.num_spans < 0 || p.num_spans > kPlanMaxTokens || (p.num_spans > 0 && p.spans == nullptr))
+    return fail(Status::kInvalidArgument, "plan: num_spans=%lld needs 0 <= num_spans <= %lld and "
+                "a spans pointer", static_cast<long long>(p.num_spans),
+                static_cast<long long>(kPlanMaxTokens));
   if (p.input_ids != nullptr) {
     if (p.grid_h < 1 || p.grid_w < 1 || static_cast<int64_t>(p.grid_h) * p.grid_w > (1 << 30))
-      return fail(Status::kInvalidArgument, "plan: image grid must have positive sides, got %dx%d",
-                  p.grid_h, p.grid_w);
+      return fail(Status::kInvalidArgument, "plan: image grid must have positive sides and at most "
+                  "2^30 tokens, got %dx%d", p.grid_h, p.grid_w);
     if (!grid_fits(p.grid_h, p.grid_w, p.factors, p.num_steps))
       return fail(Status::kInvalidArgument, "plan: the schedule cannot downsample a %dx%d image "
                   "grid: it would halve a side of length 1", p.grid_h, p.grid_w);
@@ -65,6 +85,12 @@ Status check_plan_params(const PlanParams& p) noexcept {
                 "plan: workspace, index, source_index and position_ids must not be null");
   if (p.cu_seqlens_out == nullptr || p.summary == nullptr)
     return fail(Status::kInvalidArgument, "plan: cu_seqlens_out and summary must not be null");
+  const struct { const char* what; const void* ptr; uintptr_t alignment; } typed[] = {
+      {"input_ids", p.input_ids, 8},       {"spans", p.spans, 8},
+      {"workspace", p.workspace, 4},       {"index", p.index, 4},
+      {"source_index", p.source_index, 4}, {"position_ids", p.position_ids, 8},
+      {"cu_seqlens_out", p.cu_seqlens_out, 4}, {"summary", p.summary, 4}};
+  for (const auto& t : typed) ADSC_RETURN_IF_ERROR(detail::check_aligned("plan", t.what, t.ptr, t.alignment));
   return Status::kOk;
 }
 
@@ -75,13 +101,14 @@ Status plan_summary_status(const int32_t* summary, const PlanParams& p) noexcept
       return Status::kOk;
     case kPlanBadCuSeqlens:
       return fail(Status::kInvalidInput, "cu_seqlens must start at 0, never decrease and end at "
-                  "the number of tokens (%lld); got cu_seqlens[%d]=%d, cu_seqlens[%d]=%d",
-                  static_cast<long long>(p.num_tokens), d[0], d[1], d[0] + 1, d[2]);
+                  "the number of tokens (%lld); got cu_seqlens[%d]=%d, cu_seqlens[%lld]=%d",
+                  static_cast<long long>(p.num_tokens), d[0], d[1],
+                  static_cast<long long>(d[0]) + 1, d[2]);
     case kPlanPartialImage:
       return fail(Status::kInvalidInput, "sequence %d: a run of %d image tokens (id %lld) at "
-                  "position %d is not a whole number of %dx%d images (%d tokens each)", d[0],
+                  "position %d is not a whole number of %dx%d images (%lld tokens each)", d[0],
                   d[2], static_cast<long long>(p.image_token_id), d[1], p.grid_h, p.grid_w,
-                  p.grid_h * p.grid_w);
+                  static_cast<long long>(p.grid_h) * p.grid_w);
     case kPlanSpanOutOfRange:
       return fail(Status::kInvalidInput, "image span %d (sequence %d, start %d, %dx%d) does not "
                   "fit: expected 0 <= sequence < %lld, start >= 0, sides >= 1 and start + h*w <= "

@@ -1,18 +1,20 @@
 #include "adsc/schedule.h"
 
-#include <cctype>
 #include <cstdio>
 #include <cstring>
 
 namespace adsc {
 namespace {
 
-// Reads a non-negative decimal integer at *p (no sign, at most 9 digits); advances *p.
+bool is_ascii_digit(char c) { return c >= '0' && c <= '9'; }  // not std::isdigit: no locale
+
+// Reads a non-negative decimal integer at *p (ASCII digits, no sign, at most 9 of them, so it
+// fits an int); advances *p.
 bool read_uint(const char** p, int* value) {
   const char* s = *p;
   int digits = 0;
   long v = 0;
-  while (std::isdigit(static_cast<unsigned char>(*s)) && digits < 10) {
+  while (is_ascii_digit(*s) && digits < 10) {
     v = v * 10 + (*s - '0');
     ++s;
     ++digits;
@@ -83,10 +85,33 @@ Status parse_schedule(const char* text, Schedule* out) noexcept {
   return Status::kOk;
 }
 
+Status check_schedule(const Schedule& schedule) noexcept {
+  if (schedule.num_steps < 0 || schedule.num_steps > kMaxSteps)
+    return fail(Status::kInvalidArgument, "a schedule has 0..%d steps, got %d", kMaxSteps,
+                schedule.num_steps);
+  for (int s = 0; s < schedule.num_steps; ++s) {
+    const int layer = schedule.layers[s], factor = schedule.factors[s];
+    if (layer < 1)
+      return fail(Status::kInvalidArgument, "schedule step %d (%d:%d): layer must be >= 1 "
+                  "(downsampling happens before a layer)", s, layer, factor);
+    if (layer > kMaxLayer)
+      return fail(Status::kInvalidArgument, "schedule step %d (%d:%d): layer must be at most %d "
+                  "(9 digits, what the text form holds)", s, layer, factor, kMaxLayer);
+    if (s > 0 && layer <= schedule.layers[s - 1])
+      return fail(Status::kInvalidArgument, "schedule step %d (%d:%d): layers must be strictly "
+                  "increasing, got %d after %d", s, layer, factor, layer, schedule.layers[s - 1]);
+    if (factor != 2 && factor != 4)
+      return fail(Status::kInvalidArgument, "schedule step %d (%d:%d): factor must be 2 or 4",
+                  s, layer, factor);
+  }
+  return Status::kOk;
+}
+
 Status format_schedule(const Schedule& schedule, char* buffer, size_t size) noexcept {
   if (buffer == nullptr || size == 0)
     return fail(Status::kInvalidArgument, "format_schedule: buffer must hold at least 1 byte");
   buffer[0] = '\0';
+  ADSC_RETURN_IF_ERROR(check_schedule(schedule));
   size_t used = 0;
   for (int i = 0; i < schedule.num_steps; ++i) {
     int n = std::snprintf(buffer + used, size - used, "%s%d:%d", i ? "," : "",

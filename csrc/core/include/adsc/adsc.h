@@ -15,6 +15,14 @@
  *     *_host functions take host pointers; *_device functions take device pointers, enqueue their
  *     work on `stream` (NULL: the default stream) and return without waiting.
  *   - Shapes are written beside each pointer, row-major: [T, ...] means T rows.
+ *   - Every typed pointer must be aligned to its element type (int32_t: 4 bytes, int64_t: 8, a mask
+ *     to its mask_type); a misaligned one is an ADSC_INVALID_ARGUMENT. Rows of bytes (the rows
+ *     compaction and paged KV writes copy) need no alignment.
+ *   - Sizes and strides are checked before any arithmetic with them: a size or extent (rows - 1) *
+ *     stride + row size that overflows int64 or the address space is an ADSC_INVALID_ARGUMENT.
+ *   - Enum-valued fields are int32_t holding the enum's value, checked before use.
+ *   - Buffers a call writes must not overlap the buffers it reads (their byte ranges
+ *     [base, base + extent)); an overlap is an ADSC_INVALID_ARGUMENT.
  *   - *_device functions return ADSC_NOT_COMPILED in a build without CUDA (adsc_cuda_compiled()).
  *     Their `error_flag` (nullable) is a device pointer to an int32 the caller zeroes beforehand;
  *     a kernel sets it to 1 on a bad index or slot and never resets it.
@@ -56,8 +64,8 @@ typedef enum adsc_status {
 ADSC_API const char* adsc_version(void);
 /* The message of this thread's last failing call ("" if none). */
 ADSC_API const char* adsc_last_error(void);
-/* A short name of a status ("ok", "invalid argument", ...). */
-ADSC_API const char* adsc_status_name(adsc_status status);
+/* A short name of a status ("ok", "invalid argument", ...; "unknown status" for other values). */
+ADSC_API const char* adsc_status_name(int32_t status);
 /* 1 if the CUDA kernels were compiled into this library, else 0. */
 ADSC_API int adsc_cuda_compiled(void);
 
@@ -74,7 +82,8 @@ typedef struct adsc_schedule {
 
 /* Parses `text` (NUL-terminated; "" is the empty schedule) into *out. */
 ADSC_API adsc_status adsc_schedule_parse(const char* text, adsc_schedule* out);
-/* Writes the canonical text of *schedule into buffer[size] (NUL-terminated). */
+/* Writes the canonical text of *schedule into buffer[size] (NUL-terminated). A schedule filled by
+ * hand is checked first: layers >= 1 and strictly increasing, factors 2 or 4. */
 ADSC_API adsc_status adsc_schedule_format(const adsc_schedule* schedule, char* buffer, size_t size);
 /* Checks *schedule against a model of num_layers decoder layers and a grid_h x grid_w image grid.
  * grids_h / grids_w (nullable, [num_steps + 1]) receive the grid of every stage. */
@@ -105,19 +114,19 @@ typedef enum adsc_mask_type { ADSC_MASK_UINT8 = 0, ADSC_MASK_INT32 = 1, ADSC_MAS
  * position: it neither splits nor ends a run. The plan uses the schedule's factors only: check its
  * layers against the model with adsc_schedule_validate. */
 typedef struct adsc_plan_params {
-  adsc_layout layout;
-  int64_t num_tokens;            /* T */
-  int64_t batch_size;            /* B */
+  int32_t layout;                /* an adsc_layout */
+  int64_t num_tokens;            /* T: 0 .. ADSC_PLAN_MAX_TOKENS */
+  int64_t batch_size;            /* B: 0 .. ADSC_PLAN_MAX_TOKENS */
   int64_t padded_len;            /* S (padded layout) */
   const int32_t* cu_seqlens;     /* [B+1] (packed): 0 = cu[0] <= cu[1] <= ... <= cu[B] = T */
   const void* mask;              /* [B, S] (padded): nonzero = real token, of mask_type */
-  adsc_mask_type mask_type;
+  int32_t mask_type;             /* an adsc_mask_type */
   const int64_t* input_ids;      /* [T] or NULL (then spans give the images) */
   int64_t image_token_id;
   int32_t grid_h, grid_w;        /* the grid of every image found in input_ids */
   const int64_t* spans;          /* [num_spans, 4]: (sequence, start position, h, w), sorted by
                                     (sequence, start), not overlapping; used when input_ids is NULL */
-  int64_t num_spans;
+  int64_t num_spans;             /* 0 .. ADSC_PLAN_MAX_TOKENS */
   const adsc_schedule* schedule; /* its factors drive the plan */
   int32_t pad_left;              /* padded layout: 1 = stages >= 1 are left-padded, 0 = right */
   int32_t* workspace;            /* [adsc_plan_workspace_size(T, num_steps)] scratch */
@@ -141,9 +150,15 @@ typedef enum adsc_plan_error {
   ADSC_PLAN_SPAN_GRID = 5           /* details: span, h, w */
 } adsc_plan_error;
 
-/* Elements (int32) of workspace a plan of num_tokens tokens and num_steps steps needs. */
+/* Most tokens (and sequences, and spans) of one plan: token and row indices are int32. */
+#define ADSC_PLAN_MAX_TOKENS 1073741823
+/* Entries of the summary before the per-stage (tokens, longest sequence) pairs. */
+#define ADSC_PLAN_SUMMARY_HEADER 8
+
+/* Elements (int32) of workspace a plan of num_tokens tokens and num_steps steps needs; -1 when
+ * num_tokens is outside 0..ADSC_PLAN_MAX_TOKENS or num_steps outside 0..ADSC_MAX_STEPS. */
 ADSC_API int64_t adsc_plan_workspace_size(int64_t num_tokens, int32_t num_steps);
-/* Elements (int32) of a plan's summary. */
+/* Elements (int32) of a plan's summary; -1 when num_steps is outside 0..ADSC_MAX_STEPS. */
 ADSC_API int32_t adsc_plan_summary_size(int32_t num_steps);
 /* Real tokens and longest sequence of stage `stage` (0 .. num_steps), read from a host copy of the
  * summary of a plan of num_steps steps; -1 for a NULL summary or a stage out of range. */
@@ -163,6 +178,7 @@ ADSC_API adsc_status adsc_plan_check_summary(const int32_t* host_summary,
 /* ---- Compaction ------------------------------------------------------------------------------ */
 
 /* dst[i] = src[index[i]] (rows of row_bytes contiguous bytes); a zero row where index[i] == -1.
+ * src and dst must not overlap. When row_bytes is 0, src and dst may be NULL.
  * Any other index outside [0, src_rows) is an error: the host call reports it before writing; the
  * device call writes a zero row and sets *error_flag = 1 (when error_flag is not NULL). */
 typedef struct adsc_compact_params {
@@ -188,7 +204,8 @@ ADSC_API adsc_status adsc_compact_device(const adsc_compact_params* params, int3
  * num_slots = num_blocks * block_size rows of row_bytes = num_kv_heads * head_dim * element size;
  * slot = block * block_size + offset; -1 skips a (padding) token. A slot outside [-1, num_slots)
  * is an error: the host call reports it before writing; the device call skips the token and sets
- * *error_flag = 1 (when not NULL). */
+ * *error_flag = 1 (when not NULL). Neither cache may overlap key, value or the other cache. The
+ * caches may be NULL when num_slots is 0 (then every slot must be -1) or row_bytes is 0. */
 typedef struct adsc_paged_kv_params {
   const void* key;        /* [num_tokens, row_bytes], token stride key_stride bytes */
   const void* value;      /* [num_tokens, row_bytes], token stride value_stride bytes */

@@ -29,6 +29,10 @@ namespace adsc {
 enum class Layout : int32_t { kPacked = 0, kPadded = 1 };
 enum class MaskType : int32_t { kUInt8 = 0, kInt32 = 1, kInt64 = 2 };  // kUInt8 also reads bool
 
+// Most tokens, sequences and spans of one plan: indices and offsets are int32, and a rank plus a
+// token index must stay below 2^31.
+constexpr int64_t kPlanMaxTokens = (int64_t(1) << 30) - 1;
+
 // Layout of the int32 summary: a header, then per stage its real tokens and longest sequence.
 constexpr int kSummaryHeader = 8;  // [0] PlanError code, [1..7] its details
 constexpr int plan_summary_size(int num_steps) { return kSummaryHeader + 2 * (num_steps + 1); }
@@ -75,7 +79,8 @@ struct PlanParams {
   int32_t* summary = nullptr;           // [plan_summary_size(num_steps)]
 };
 
-// int32 elements of workspace a plan of T tokens and num_steps steps needs.
+// int32 elements of workspace a plan of T tokens and num_steps steps needs (-1 when T is outside
+// 0..kPlanMaxTokens or num_steps outside 0..kMaxSteps).
 int64_t plan_workspace_size(int64_t num_tokens, int32_t num_steps) noexcept;
 
 // Checks the arguments (pointers, sizes, schedule, grid) without touching the data.

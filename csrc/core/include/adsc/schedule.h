@@ -11,15 +11,23 @@ namespace adsc {
 // Most downsampling steps a schedule may have (a 24x24 grid runs out after 10 halvings).
 constexpr int kMaxSteps = 16;
 
+// Largest layer number of a schedule: the text form holds at most 9 digits per number.
+constexpr int kMaxLayer = 999999999;
+
 struct Schedule {
   int num_steps = 0;
   int layers[kMaxSteps] = {};   // decoder layer before which step i happens; strictly increasing, >= 1
   int factors[kMaxSteps] = {};  // 2 (halve the longer side; tie: width) or 4 (halve both sides)
 };
 
-// Parses "layer:factor,layer:factor,..." ("" is the empty schedule). Checks syntax, layer >= 1,
-// strictly increasing layers and factor in {2, 4}.
+// Parses "layer:factor,layer:factor,..." ("" is the empty schedule). Numbers are 1 to 9 ASCII
+// digits; spaces and tabs may surround every number. Checks syntax, layer >= 1, strictly
+// increasing layers and factor in {2, 4}.
 Status parse_schedule(const char* text, Schedule* out) noexcept;
+
+// Checks a schedule filled by hand: 0..kMaxSteps steps, layers >= 1 and strictly increasing,
+// factors 2 or 4 (what parse_schedule guarantees).
+Status check_schedule(const Schedule& schedule) noexcept;
 
 // Writes the canonical text of `schedule` into `buffer` (always NUL-terminated when size > 0).
 Status format_schedule(const Schedule& schedule, char* buffer, size_t size) noexcept;
@@ -41,7 +49,8 @@ ADSC_HD void step_axes(int factor, int h, int w, bool* halve_rows, bool* halve_c
 // the last one when n is odd. The survivor's index on the halved axis is i / 2.
 ADSC_HD bool axis_keeps(int i, int n) { return (i & 1) != 0 || i == n - 1; }
 
-ADSC_HD int halved(int n) { return (n + 1) / 2; }
+// ceil(n / 2) for n >= 0, without overflowing at INT_MAX.
+ADSC_HD int halved(int n) { return n - n / 2; }
 
 // Whether every step of `factors` can be applied to an h x w grid (no side of length 1 halved).
 ADSC_HD bool grid_fits(int h, int w, const int* factors, int num_steps) {
