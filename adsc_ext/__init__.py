@@ -20,7 +20,7 @@ _LAZY = {
     "cuda_ops_available": "ops",
     "apply_adsc": "hf",
     "AdscCache": "hf",
-    "AdscStaticCache": "hf",
+    "adsc_layout": "hf",
 }
 
 __all__ = [

@@ -119,9 +119,13 @@ def test_bad_input(model):
         fv.generate(ids[0], pix)
     with pytest.raises(ValueError, match="input_ids hold 2 image\\(s\\) but pixel_values has 1"):
         fv.generate(ids, pix[:1])
+    stray = ids.clone()
+    stray[1, 1] = model.config.image_token_id
+    with pytest.raises(ValueError, match="row 1: image tokens must form whole images of 4x4 = 16 tokens; got a run of 1"):
+        fv.generate(stray, pix)
     uneven = ids.clone()
-    uneven[1, 1] = model.config.image_token_id
-    with pytest.raises(ValueError, match="same number of image tokens in every row"):
+    uneven[1][uneven[1] == model.config.image_token_id] = 5
+    with pytest.raises(ValueError, match=r"same number of images in every row, got \[1, 0\]"):
         fv.generate(uneven, pix)
     with pytest.raises(ValueError, match=r"keep must be in \[0, 16\]"):
         FastV(model, layer=2, keep=17)

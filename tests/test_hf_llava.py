@@ -123,9 +123,11 @@ from adsc_ext.hf import (  # noqa: E402
     AdscCache,
     AdscInputError,
     AdscModelError,
-    AdscStaticCache,
+    adsc_layout,
+    adsc_setup,
     apply_adsc,
     is_adsc_model,
+    remove_adsc,
 )
 from adsc_ext.schedule import ScheduleError  # noqa: E402
 from adsc_ext.reference import stage_plan_reference  # noqa: E402
@@ -194,12 +196,12 @@ def test_prefill_matches_oracle_and_alone(impl, side, schedule):
         with torch.no_grad():
             ref, kept = naive_forward(model, ids, pix[b], schedule)
             alone = model(input_ids=ids[None], pixel_values=pix[b])
-        src = out.adsc_source_index[b]
+        src = adsc_layout(out).source_index[b]
         real = src >= 0
         # which original position each batch logit row holds
         got_pos = (src[real].long() - b * S - (S - len(rows))).tolist()
         assert got_pos == kept
-        assert out.adsc_position_ids[b][real].tolist() == kept
+        assert adsc_layout(out).position_ids[b][real].tolist() == kept
         torch.testing.assert_close(out.logits[b][real], ref, atol=ATOL, rtol=1e-4)
         torch.testing.assert_close(alone.logits[0], ref, atol=ATOL, rtol=1e-4)
 
@@ -273,18 +275,27 @@ def test_beam_search_and_sampling_cache_equals_no_cache(impl):
     torch.testing.assert_close(samp_c, samp_n)
 
 
-def test_num_return_sequences_and_static_cache():
+def test_num_return_sequences_and_user_cache():
     model = _adsc(4, "sdpa", "2:2,4:2")
     inp = batch(model, ROWS_MIXED)
     dyn = _gen(model, inp, 4)
-    cache = AdscStaticCache(model.config, max_new_tokens=4)
-    stat = _gen(model, inp, 4, past_key_values=cache)
-    torch.testing.assert_close(stat, dyn)
+    cache = AdscCache(config=model.config.get_text_config())
+    mine = _gen(model, inp, 4, past_key_values=cache)
+    torch.testing.assert_close(mine, dyn)
     plan = stage_plan_reference("2:2,4:2", input_ids=inp["input_ids"], attention_mask=inp["attention_mask"],
                                 image_token_id=model.config.image_token_id, grid=(4, 4))
-    assert cache.layer_lengths() == [plan.stage_of_layer(l).index.shape[1] + 4 for l in range(6)]
+    assert cache.layer_lengths() == [plan.stage_of_layer(l).index.shape[1] + 3 for l in range(6)]
     rep = _gen(model, inp, 4, num_return_sequences=2, do_sample=False, num_beams=2)
     assert rep.shape == (6, 4)
+
+
+def test_static_cache_is_refused_clearly():
+    from transformers import StaticCache
+
+    model = _adsc(4, "sdpa", "2:2,4:2")
+    inp = batch(model, ROWS_MIXED)
+    with pytest.raises(AdscInputError, match="needs an AdscCache .* got StaticCache"):
+        model(**inp, past_key_values=StaticCache(config=model.config.get_text_config(), max_cache_len=64))
 
 
 # ---- chunked prefill, packed inputs -------------------------------------------------------------------
@@ -311,8 +322,8 @@ def test_packed_equals_padded(impl):
     with torch.no_grad():
         packed = model(input_ids=flat, position_ids=pos, pixel_values=inp["pixel_values"])
         padded = model(**inp)
-    got = packed.logits[0][packed.adsc_source_index[0] >= 0]
-    ref = padded.logits[padded.adsc_source_index >= 0]
+    got = packed.logits[0][adsc_layout(packed).source_index[0] >= 0]
+    ref = padded.logits[adsc_layout(padded).source_index >= 0]
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=1e-4)
 
 
@@ -431,7 +442,7 @@ def test_save_reload_keeps_schedule(tmp_path):
     again = LlavaForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="sdpa")
     assert again.config.adsc_schedule == "3:4"
     apply_adsc(again)
-    assert str(again._adsc.schedule) == "3:4"
+    assert str(adsc_setup(again).schedule) == "3:4"
     inp = batch(model, ROWS_MIXED)
     with torch.no_grad():
         torch.testing.assert_close(again(**inp).logits, model(**inp).logits)
@@ -469,15 +480,46 @@ def test_errors():
               past_key_values=out.past_key_values, pixel_values=images(1, 4))
 
 
-def test_apply_is_idempotent_and_class_keeps_name():
+def test_apply_is_idempotent_and_leaves_the_model_class_and_names():
     from transformers import LlavaForConditionalGeneration
 
-    model = _adsc(4, "sdpa", "2:2")
+    plain = make_model(4, "sdpa")
+    names = [n for n, _ in plain.named_modules()]
+    keys = list(plain.state_dict())
+    model = apply_adsc(copy.deepcopy(plain), "2:2")
     apply_adsc(model, "3:4")
-    assert type(model).__name__ == "LlavaForConditionalGeneration"
-    assert isinstance(model, LlavaForConditionalGeneration)
-    assert type(model).__mro__[2] is LlavaForConditionalGeneration
-    assert model.config.adsc_schedule == "3:4"
+    assert type(model) is LlavaForConditionalGeneration
+    assert [n for n, _ in model.named_modules()] == names and list(model.state_dict()) == keys
+    assert model.config.adsc_schedule == "3:4" and str(adsc_setup(model).schedule) == "3:4"
+    # one set of hooks, not two: the second apply replaced the first
+    assert len(model._forward_pre_hooks) == 1 and len(model.model.language_model.layers[0]._forward_pre_hooks) == 1
+    inp = batch(model, ROWS_MIXED)
+    with torch.no_grad():
+        ref = apply_adsc(copy.deepcopy(plain), "3:4")(**inp).logits
+        torch.testing.assert_close(model(**inp).logits, ref)
+    remove_adsc(model)
+    assert not is_adsc_model(model) and not hasattr(model.config, "adsc_schedule")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inp).logits, plain(**inp).logits)
+
+
+def test_pickle_and_torch_save_roundtrip(tmp_path):
+    """apply_adsc adds nothing unpicklable (its hooks are module-level classes). Pickled before a
+    forward: transformers itself installs unpicklable output-capturing hooks on a model's first
+    forward with images (5.23), with or without ADSC."""
+    import pickle
+
+    model = _adsc(4, "sdpa", "2:2,4:2")
+    inp = batch(model, ROWS_MIXED)
+    again = pickle.loads(pickle.dumps(model))
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        ref = model(**inp).logits
+    for m in (again, loaded):
+        assert is_adsc_model(m)
+        with torch.no_grad():
+            torch.testing.assert_close(m(**inp).logits, ref)
 
 
 # ---- GPU ------------------------------------------------------------------------------------------------------------
@@ -580,7 +622,7 @@ def test_flash_attention_kwargs_with_a_stand_in(monkeypatch):
     inp = batch(model, ROWS_MIXED)
     with torch.no_grad():
         got, ref = model(**inp), ref_model(**inp)
-    m = ref.adsc_source_index >= 0
+    m = adsc_layout(ref).source_index >= 0
     torch.testing.assert_close(got.logits[m], ref.logits[m], atol=ATOL, rtol=1e-4)
     torch.testing.assert_close(_gen(model, inp, 4), _gen(ref_model, inp, 4))
     rows = real_rows(inp["attention_mask"])
@@ -590,5 +632,5 @@ def test_flash_attention_kwargs_with_a_stand_in(monkeypatch):
         packed = model(input_ids=flat, position_ids=pos, pixel_values=inp["pixel_values"])
         one = model(input_ids=inp["input_ids"][1:2, rows[1]])  # batch of one, no images, no padding
         one_ref = ref_model(input_ids=inp["input_ids"][1:2, rows[1]])
-    torch.testing.assert_close(packed.logits[0][packed.adsc_source_index[0] >= 0], ref.logits[m], atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(packed.logits[0][adsc_layout(packed).source_index[0] >= 0], ref.logits[m], atol=ATOL, rtol=1e-4)
     torch.testing.assert_close(one.logits, one_ref.logits, atol=ATOL, rtol=1e-4)

@@ -20,10 +20,13 @@ whose rows have the same length and the same number of images (no padding), whic
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, List, Optional
 
 import torch
+
+from ..hf import _compat
+from ..models.llava import count_images
+from ..sampling import pick_tokens
 
 __all__ = ["FastV", "budget_keep"]
 
@@ -60,16 +63,6 @@ def top_attention(scores: torch.Tensor, image_mask: torch.Tensor, keep: int, tok
     return torch.stack(rows)
 
 
-@contextlib.contextmanager
-def _eager(config):
-    old = config._attn_implementation
-    config._attn_implementation = "eager"
-    try:
-        yield
-    finally:
-        config._attn_implementation = old
-
-
 class FastV:
     """FastV-style pruning on a Hugging Face ``LlavaForConditionalGeneration`` (eager attention).
 
@@ -84,10 +77,11 @@ class FastV:
 
     def __init__(self, model, layer: int = 2, keep: Optional[int] = None, *, schedule=None,
                  select: Optional[Selector] = None):
-        from ..hf.llava import _check_llava, _unwrap, resolve_schedule
+        from ..models.llava import llava_spec, resolve_schedule, unwrap
 
-        model = _unwrap(model)
-        grid, image_token_id, num_layers, _ = _check_llava(model)
+        model = unwrap(model)
+        spec = llava_spec(model)
+        grid, image_token_id, num_layers = spec.grid, spec.image_token_id, spec.num_layers
         if not 0 < layer < num_layers:
             raise ValueError(f"FastV's pruning layer must be in [1, {num_layers - 1}], got {layer}")
         self.tokens_per_image = grid[0] * grid[1]
@@ -100,6 +94,8 @@ class FastV:
         self.layer, self.keep, self.grid = int(layer), int(keep), grid
         self.image_token_id, self.num_layers = image_token_id, num_layers
         self.select = select
+        self._spec = spec
+        self._cache_kw = _compat.layer_cache_kwarg(self.text.layers[0])
         self.last_kept: Optional[torch.Tensor] = None  # indices kept by the last prefill, [B, T']
 
     def __repr__(self) -> str:
@@ -109,13 +105,10 @@ class FastV:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"FastV needs input_ids as a [B, n] tensor of equal-length rows (no padding), got "
                              f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
-        counts = (input_ids == self.image_token_id).sum(1)
-        if counts.numel() and bool((counts != counts[0]).any()):
-            raise ValueError(f"FastV needs the same number of image tokens in every row, got {counts.tolist()}")
-        per_row = int(counts[0]) if counts.numel() else 0
-        if per_row % self.tokens_per_image:
-            raise ValueError(f"image tokens must form whole images of {self.tokens_per_image} tokens, got {per_row} per row")
-        n_img = per_row // self.tokens_per_image * input_ids.shape[0]
+        counts = [count_images(row, self._spec, f"row {b}") for b, row in enumerate(input_ids.tolist())]
+        if counts and any(c != counts[0] for c in counts):
+            raise ValueError(f"FastV needs the same number of images in every row, got {counts}")
+        n_img = sum(counts)
         got = 0 if pixel_values is None else pixel_values.shape[0]
         if got != n_img:
             raise ValueError(f"input_ids hold {n_img} image(s) but pixel_values has {got}")
@@ -126,8 +119,8 @@ class FastV:
         if capture is not None:
             handle = attn.register_forward_hook(lambda mod, args, out: capture.append(out[1]))
         try:
-            return self.text.layers[l](h, attention_mask=mask, past_key_values=cache, use_cache=True,
-                                       position_embeddings=(cos, sin))
+            return self.text.layers[l](h, attention_mask=mask, use_cache=True, position_embeddings=(cos, sin),
+                                       **{self._cache_kw: cache})
         finally:
             if handle is not None:
                 handle.remove()
@@ -140,7 +133,7 @@ class FastV:
         unless ``suppress_image_token=False`` (as in :meth:`adsc_ext.runtime.Engine.generate`)."""
         from transformers import DynamicCache
 
-        from ..hf.llava import embed_with_images
+        from ..models.llava import embed_with_images
 
         self._check(input_ids, pixel_values)
         if max_new_tokens < 1:
@@ -161,7 +154,7 @@ class FastV:
 
         logits_out = []
         scores: Optional[torch.Tensor] = None  # set by layer K-1 (layer >= 1 is checked), read at layer K
-        with _eager(self.text.config):
+        with _compat.attention_implementation(self.text.config, "eager"):
             mask = causal(T)
             for l in range(self.num_layers):
                 if l == self.layer:
@@ -192,10 +185,7 @@ class FastV:
         return (out, torch.stack(logits_out, 1)) if return_logits else out
 
     def _pick(self, logits: torch.Tensor, suppress: bool) -> torch.Tensor:
-        if suppress:
-            logits = logits.clone()
-            logits[:, self.image_token_id] = -float("inf")
-        return logits.argmax(-1)
+        return pick_tokens(logits, suppress_token_id=self.image_token_id if suppress else None)
 
     def _kept(self, scores: torch.Tensor, is_img: torch.Tensor) -> torch.Tensor:
         if self.select is not None:

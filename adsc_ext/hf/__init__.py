@@ -1,23 +1,17 @@
-"""ADSC integrations for Hugging Face transformers (LLaVA-1.5)."""
+"""ADSC for Hugging Face transformers' LLaVA-1.5 (module hooks over transformers' own forward)."""
 
-from .cache import AdscCache, AdscCacheState, AdscStaticCache
-from .llava import (
-    AdscInputError,
-    AdscLlavaOutput,
-    AdscModelError,
-    adsc_setup,
-    apply_adsc,
-    is_adsc_model,
-    remove_adsc,
-)
+from ..models.llava import AdscInputError, AdscModelError
+from .cache import AdscCache, AdscCacheState
+from .llava import AdscLayout, AdscSetup, adsc_layout, adsc_setup, apply_adsc, is_adsc_model, remove_adsc
 
 __all__ = [
     "AdscCache",
     "AdscCacheState",
-    "AdscStaticCache",
     "AdscInputError",
-    "AdscLlavaOutput",
+    "AdscLayout",
     "AdscModelError",
+    "AdscSetup",
+    "adsc_layout",
     "adsc_setup",
     "apply_adsc",
     "is_adsc_model",

@@ -1,98 +1,80 @@
 """ADSC for Hugging Face LLaVA: :func:`apply_adsc`.
 
-``apply_adsc(model)`` turns a ``transformers.LlavaForConditionalGeneration`` into an ADSC model by
-swapping its class for a subclass (named like the original, so ``save_pretrained`` writes the same
-``architectures``) that overrides ``forward``. Nothing in the library is monkeypatched and no
-weights change; the schedule is stored in ``model.config.adsc_schedule``.
+``apply_adsc(model)`` makes a ``transformers.LlavaForConditionalGeneration`` run ADSC without
+replacing any of its code: transformers runs its own LLaVA / LLaMA forward, and adsc_ext acts only
+where ADSC changes something, through module hooks (``register_forward_pre_hook(with_kwargs=True)``
+and ``register_forward_hook``). Module names, classes and the state dict stay as they are, so
+PEFT, ``save_pretrained``, gradient checkpointing, ``Trainer`` and pickling work unchanged; the
+schedule is stored in ``model.config.adsc_schedule``.
 
-One forward call handles one *segment* of every sequence of the batch (the prompt at prefill, a
-chunk of it with chunked prefill, or the new tokens of a decode step):
-
-1. the segment is planned with :func:`adsc_ext.stage_plan` (images found from the image token id;
-   decode steps carry no images and skip the plan);
-2. image features are scattered into the embeddings as LLaVA does;
-3. the decoder layers run on the stage layouts: at each stage boundary the hidden states and the
-   rotary ``cos``/``sin`` are compacted with :func:`adsc_ext.compact_tokens`, the position ids and
-   key masks are the plan's; every stage gets a causal mask for its own query and key lengths;
-4. the cache (:class:`~adsc_ext.hf.cache.AdscCache`) stores per layer only its stage's K/V and
-   remembers each stage's key mask and the next position id of every row.
+- **Before the model's forward** (a pre-hook on the ``LlavaForConditionalGeneration``): the
+  forward's segment (the prompt, a prefill chunk, or a decode step's new tokens) is planned with
+  :func:`adsc_ext.stage_plan` (images found from the image token id; decode steps have no images
+  and need no plan). The position ids become the plan's, the cache becomes an
+  :class:`~adsc_ext.hf.cache.AdscCache` (a fresh one in place of an empty ``DynamicCache``, as
+  ``generate`` passes), and ``labels`` are taken aside for the ADSC loss.
+- **Before each decoder layer** (a pre-hook on every layer): the layer gets its stage's attention
+  mask, position ids, rotary ``(cos, sin)`` and, for packed flash attention, ``cu_seq_lens_*``.
+  Before the first layer of a stage the hidden states and ``cos``/``sin`` are compacted with
+  :func:`adsc_ext.compact_tokens` (the layers before it returned the previous stage's layout).
+- **After the model's forward** (a forward hook): the cache's per-stage bookkeeping is advanced,
+  the loss of spec section 6.4 is set, and the layout of the logits is attached.
 
 Positions: a kept token keeps its original position (its index among the real tokens of its
 sequence); generated token ``t`` of a row whose prompt had ``n`` real tokens gets ``n + t``
 (spec section 5). ``position_ids`` passed by the caller are not used (``generate``'s are the same
 numbers), except to detect packed inputs.
 
-Outputs are in the layout of the last stage: ``logits`` is ``[B, S_last, V]`` (``[1, T_last, V]``
-for packed inputs); ``adsc_source_index`` gives, for every logit row, the flat row of the input
-layout it belongs to (``-1`` for padding) and ``adsc_position_ids`` its position id. With the empty
-schedule the layout is the input's.
+Outputs are transformers' own output class, in the layout of the last stage: ``logits`` is
+``[B, S_last, V]`` (``[1, T_last, V]`` for packed inputs). :func:`adsc_layout` gives, for every
+logit row, the flat row of the input it belongs to (``-1`` for padding) and its position id.
+With the empty schedule the layout is the input's.
+
+What this needs from transformers beyond its documented API is in :mod:`adsc_ext.hf._compat`.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ..schedule import LLAVA15_DEFAULT, Schedule, ScheduleError
-from ._kernels import kernels
-from .cache import AdscCache, AdscCacheState, AdscStaticCache
+from ..models.llava import AdscInputError, AdscModelError, image_runs, llava_spec, resolve_schedule, unwrap
+from ..schedule import Schedule
+from . import _compat
+from .cache import AdscCache, AdscCacheState
 
 try:
-    from transformers import LlavaForConditionalGeneration
-    from transformers.cache_utils import Cache, DynamicCache, StaticCache
-    from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
+    from transformers import DynamicCache
 except ImportError as exc:  # pragma: no cover
     raise ImportError("adsc_ext.hf needs the 'transformers' package (>= 5.17)") from exc
 
 __all__ = [
     "AdscInputError",
     "AdscModelError",
-    "AdscLlavaOutput",
-    "apply_adsc",
-    "remove_adsc",
-    "is_adsc_model",
+    "AdscLayout",
+    "AdscSetup",
+    "adsc_layout",
     "adsc_setup",
+    "apply_adsc",
+    "is_adsc_model",
+    "remove_adsc",
 ]
 
 IGNORE_INDEX = -100
 
 
-class AdscModelError(TypeError):
-    """The model given to :func:`apply_adsc` is not a LLaVA-shaped model ADSC supports."""
-
-
-class AdscInputError(ValueError):
-    """Inputs an ADSC model cannot run: broken images, split images, mismatched features..."""
-
-
-@dataclass
-class AdscLlavaOutput(LlavaCausalLMOutputWithPast):
-    """LLaVA's output plus the token layout of ``logits`` (the last stage's layout).
-
-    adsc_source_index: int32, same leading shape as ``logits``: flat row of the input layout
-        (``b * S + j`` for a padded batch, the packed row for packed inputs) of each logit row;
-        ``-1`` for padding slots.
-    adsc_position_ids: int64, same leading shape: the position id of each logit row.
-    """
-
-    adsc_source_index: Optional[torch.Tensor] = None
-    adsc_position_ids: Optional[torch.Tensor] = None
-
-
 @dataclass(frozen=True)
 class AdscSetup:
-    """What :func:`apply_adsc` resolved about a model (kept on it as ``model._adsc``)."""
+    """What :func:`apply_adsc` resolved about a model (:func:`adsc_setup` returns it)."""
 
     schedule: Schedule
     grid: Tuple[int, int]
     image_token_id: int
     num_layers: int
     stage_of_layer: Tuple[int, ...]
-    cache_kw: str  # the decoder layers' keyword for the cache: "past_key_values" or "cache"
 
     @property
     def tokens_per_image(self) -> int:
@@ -104,126 +86,38 @@ class AdscSetup:
         return {layer: i + 1 for i, layer in enumerate(self.schedule.layers)}
 
 
+@dataclass(frozen=True)
+class AdscLayout:
+    """The token layout of an ADSC forward's ``logits`` (the last stage's layout).
+
+    source_index: int32, the leading shape of ``logits``: the flat row of the input layout
+        (``b * S + j`` for a padded batch, the packed row for packed inputs) of each logit row;
+        ``-1`` for padding slots.
+    position_ids: int64, the same shape: the position id of each logit row.
+    """
+
+    source_index: torch.Tensor
+    position_ids: torch.Tensor
+
+
+def adsc_layout(output) -> AdscLayout:
+    """The :class:`AdscLayout` of the logits of an ADSC model's output (``return_dict=True``)."""
+    layout = getattr(output, "adsc_layout", None)
+    if not isinstance(layout, AdscLayout):
+        raise ValueError(
+            "this output carries no ADSC layout: it must come from a model given to apply_adsc, "
+            "called with return_dict=True"
+        )
+    return layout
+
+
 # =============================================================================================
 # apply_adsc
 # =============================================================================================
 
 
-def _unwrap(model):
-    """The LLaVA model under a PEFT wrapper (or the model itself)."""
-    seen = 0
-    while hasattr(model, "get_base_model") and not isinstance(model, LlavaForConditionalGeneration) and seen < 4:
-        model = model.get_base_model()
-        seen += 1
-    return model
-
-
-def _text_model(model):
-    return model.model.language_model
-
-
-def _check_llava(model) -> Tuple[Tuple[int, int], int, int, str]:
-    """Check that ``model`` is LLaVA-1.5 shaped; returns (grid, image token id, layers, cache kw)."""
-    if not isinstance(model, LlavaForConditionalGeneration):
-        raise AdscModelError(
-            f"apply_adsc expects a transformers LlavaForConditionalGeneration (LLaVA-1.5 with a "
-            f"LLaMA-family text model), got {type(model).__module__}.{type(model).__name__}"
-        )
-    cfg = model.config
-    text = getattr(getattr(model, "model", None), "language_model", None)
-    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
-    missing = [n for n in needed if text is None or not hasattr(text, n)]
-    if missing:
-        raise AdscModelError(
-            f"apply_adsc expects a LLaMA-family text model with {', '.join(needed)}; "
-            f"{type(text).__name__} lacks {', '.join(missing)}"
-        )
-    layers = text.layers
-    for i, layer in enumerate(layers):
-        attn = getattr(layer, "self_attn", None)
-        if attn is None or not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
-            raise AdscModelError(
-                f"decoder layer {i} ({type(layer).__name__}) is not a LLaMA-family layer: it needs "
-                f"self_attn with q_proj/k_proj/v_proj/o_proj"
-            )
-    tcfg = text.config
-    layer_types = getattr(tcfg, "layer_types", None)
-    if layer_types is not None and any(t != "full_attention" for t in layer_types):
-        raise AdscModelError(
-            f"ADSC supports full causal attention in every layer; the text model has layer types "
-            f"{sorted(set(layer_types))}"
-        )
-    if getattr(tcfg, "use_sliding_window", False) and getattr(tcfg, "sliding_window", None):
-        raise AdscModelError("ADSC does not support sliding-window attention in the text model")
-
-    vcfg = cfg.vision_config
-    image_size, patch_size = getattr(vcfg, "image_size", None), getattr(vcfg, "patch_size", None)
-    if not isinstance(image_size, int) or not isinstance(patch_size, int) or patch_size < 1:
-        raise AdscModelError(
-            f"the vision tower's config must give an int image_size and patch_size, got "
-            f"{image_size!r} and {patch_size!r}"
-        )
-    if image_size % patch_size:
-        raise AdscModelError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
-    strategy = getattr(cfg, "vision_feature_select_strategy", "default")
-    if strategy != "default":
-        raise AdscModelError(
-            f"ADSC needs each image to be an H x W grid of tokens: vision_feature_select_strategy "
-            f"must be 'default' (CLS dropped), got {strategy!r}"
-        )
-    side = image_size // patch_size
-    image_token_id = getattr(cfg, "image_token_id", None)
-    if image_token_id is None:
-        image_token_id = getattr(cfg, "image_token_index", None)
-    if image_token_id is None:
-        raise AdscModelError("the model's config has no image_token_id / image_token_index")
-
-    params = inspect.signature(type(layers[0]).forward).parameters
-    if "past_key_values" in params:
-        cache_kw = "past_key_values"
-    elif "cache" in params:
-        cache_kw = "cache"
-    else:
-        raise AdscModelError(
-            f"decoder layer {type(layers[0]).__name__}.forward takes neither 'past_key_values' nor "
-            f"'cache'; this transformers version is not supported"
-        )
-    return (side, side), int(image_token_id), len(layers), cache_kw
-
-
-_ADSC_CLASSES: Dict[type, type] = {}
-
-
-def _adsc_class(base: type) -> type:
-    if getattr(base, "_is_adsc_class", False):
-        return base
-    cls = _ADSC_CLASSES.get(base)
-    if cls is None:
-        cls = type(base.__name__, (_AdscLlavaMixin, base), {"_is_adsc_class": True, "__module__": base.__module__})
-        cls.__qualname__ = base.__qualname__
-        _ADSC_CLASSES[base] = cls
-    return cls
-
-
-def resolve_schedule(config, schedule, num_layers: int, grid) -> Tuple[Schedule, list]:
-    """The schedule to run (the argument, else ``config.adsc_schedule``, else ``LLAVA15_DEFAULT``),
-    checked against the model: ``(schedule, stage infos)``; ScheduleError names the model's shape."""
-    if schedule is None:
-        schedule = getattr(config, "adsc_schedule", None)
-        if schedule is None:
-            schedule = LLAVA15_DEFAULT
-    sched = Schedule.coerce(schedule)
-    try:
-        return sched, sched.validate(num_layers, grid)
-    except ScheduleError as exc:
-        raise ScheduleError(
-            f"schedule '{sched}' does not fit this model ({num_layers} decoder layers, "
-            f"{grid[0]}x{grid[1]} image grid): {exc}"
-        ) from None
-
-
 def apply_adsc(model, schedule=None):
-    """Make a LLaVA model run ADSC; returns the model (changed in place).
+    """Make a LLaVA model run ADSC; returns the model (changed in place: hooks and the config).
 
     Args:
         model: a ``transformers.LlavaForConditionalGeneration`` (LLaVA-1.5, LLaMA-family text
@@ -239,129 +133,54 @@ def apply_adsc(model, schedule=None):
         AdscModelError: the model is not LLaVA-shaped.
         ScheduleError: the schedule does not parse or does not fit the layers or the grid.
     """
-    base = _unwrap(model)
-    grid, image_token_id, num_layers, cache_kw = _check_llava(base)
-    sched, _ = resolve_schedule(base.config, schedule, num_layers, grid)
-    base.config.adsc_schedule = str(sched)
-    base._adsc = AdscSetup(
+    base = unwrap(model)
+    spec = llava_spec(base)
+    try:
+        _compat.cache_kwarg(base)
+    except TypeError as exc:
+        raise AdscModelError(str(exc)) from None
+    sched, _ = resolve_schedule(base.config, schedule, spec.num_layers, spec.grid)
+    remove_adsc(base, keep_config=True)
+    setup = AdscSetup(
         schedule=sched,
-        grid=grid,
-        image_token_id=image_token_id,
-        num_layers=num_layers,
-        stage_of_layer=tuple(sched.stage_of_layer(l) for l in range(num_layers)),
-        cache_kw=cache_kw,
+        grid=spec.grid,
+        image_token_id=spec.image_token_id,
+        num_layers=spec.num_layers,
+        stage_of_layer=tuple(sched.stage_of_layer(l) for l in range(spec.num_layers)),
     )
-    base.__class__ = _adsc_class(type(base))
+    base.config.adsc_schedule = str(sched)
+    state = _State(setup)
+    handles = [
+        base.register_forward_pre_hook(_ModelPreHook(state), with_kwargs=True),
+        base.register_forward_hook(_ModelHook(state), with_kwargs=True),
+    ]
+    for l, layer in enumerate(base.model.language_model.layers[: spec.num_layers]):
+        handles.append(layer.register_forward_pre_hook(_LayerPreHook(state, l), with_kwargs=True))
+    base._adsc = setup
+    base._adsc_hooks = handles
     return model
 
 
-def remove_adsc(model):
-    """Undo :func:`apply_adsc` (the class swap); ``config.adsc_schedule`` is removed too."""
-    base = _unwrap(model)
-    if getattr(type(base), "_is_adsc_class", False):
-        base.__class__ = type(base).__mro__[2]
+def remove_adsc(model, keep_config: bool = False):
+    """Undo :func:`apply_adsc` (removes its hooks, and ``config.adsc_schedule`` unless ``keep_config``)."""
+    base = unwrap(model)
+    for handle in base.__dict__.pop("_adsc_hooks", []):
+        handle.remove()
     base.__dict__.pop("_adsc", None)
-    if hasattr(base.config, "adsc_schedule"):
+    if not keep_config and hasattr(base.config, "adsc_schedule"):
         delattr(base.config, "adsc_schedule")
     return model
 
 
 def is_adsc_model(model) -> bool:
-    return getattr(type(_unwrap(model)), "_is_adsc_class", False)
+    return isinstance(getattr(unwrap(model), "_adsc", None), AdscSetup)
 
 
 def adsc_setup(model) -> AdscSetup:
-    base = _unwrap(model)
+    base = unwrap(model)
     if not is_adsc_model(base):
         raise AdscModelError("the model is not an ADSC model; call adsc_ext.apply_adsc(model) first")
     return base._adsc
-
-
-# =============================================================================================
-# The model subclass
-# =============================================================================================
-
-
-class _AdscLlavaMixin:
-    """Put before the LLaVA class in the MRO by :func:`apply_adsc`."""
-
-    def forward(
-        self,
-        input_ids: Optional[torch.LongTensor] = None,
-        pixel_values: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[Cache] = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
-        vision_feature_layer=None,
-        vision_feature_select_strategy: Optional[str] = None,
-        labels: Optional[torch.LongTensor] = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        image_sizes: Optional[torch.Tensor] = None,
-        use_cache: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        output_attentions: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-        **kwargs,
-    ):
-        cache = past_key_values
-        if "cache" in kwargs:  # newer transformers spell the keyword `cache`
-            alt = kwargs.pop("cache")
-            if cache is not None and alt is not None and alt is not cache:
-                raise ValueError("pass the cache as either `past_key_values` or `cache`, not both")
-            cache = cache if cache is not None else alt
-        out = _adsc_forward(
-            self,
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            labels=labels,
-            logits_to_keep=logits_to_keep,
-            image_sizes=image_sizes,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            kwargs=kwargs,
-        )
-        if return_dict is False:
-            return out.to_tuple()
-        return out
-
-    # generate() creates a plain DynamicCache / StaticCache; hand it ADSC caches instead.
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        res = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        for name in ("past_key_values", "cache"):
-            c = model_kwargs.get(name)
-            if c is None or isinstance(c, (AdscCache, AdscStaticCache)):
-                continue
-            if type(c) is DynamicCache and c.get_seq_length() == 0:
-                model_kwargs[name] = _new_dynamic_cache(self.config)
-            elif isinstance(c, StaticCache) and c.get_seq_length() == 0:
-                max_new = generation_config.max_new_tokens
-                if max_new is None:
-                    raise AdscInputError(
-                        "a static cache for ADSC needs generate(max_new_tokens=...) (its per-stage "
-                        "buffers are sized as stage prompt length + max_new_tokens)"
-                    )
-                model_kwargs[name] = AdscStaticCache(self.config, max_new_tokens=max_new)
-        return res
-
-    # generate() builds 4-D masks for compileable caches; ADSC builds its own per stage from the
-    # 2-D mask, so keep that.
-    def create_masks_for_generate(self, *args, attention_mask=None, **kwargs):
-        return attention_mask
-
-
-def _new_dynamic_cache(config) -> AdscCache:
-    try:
-        return AdscCache(config=config.get_text_config(decoder=True))
-    except TypeError:  # older signatures
-        return AdscCache()
 
 
 # =============================================================================================
@@ -387,20 +206,6 @@ class _Segment:
     real_per_row: torch.Tensor  # int64 [B]: real tokens of the segment per row
 
 
-def _image_runs(row: Sequence[int], tok: int) -> List[Tuple[int, int]]:
-    runs, p, n = [], 0, len(row)
-    while p < n:
-        if row[p] != tok:
-            p += 1
-            continue
-        q = p
-        while q < n and row[q] == tok:
-            q += 1
-        runs.append((p, q))
-        p = q
-    return runs
-
-
 def _check_images(setup: AdscSetup, ids: torch.Tensor, valid: torch.Tensor, continuation: bool, packed_cu=None):
     """Readable errors for image tokens that do not form whole images (spec section 3)."""
     hw, (h, w) = setup.tokens_per_image, setup.grid
@@ -410,10 +215,9 @@ def _check_images(setup: AdscSetup, ids: torch.Tensor, valid: torch.Tensor, cont
         cu = packed_cu.tolist()
         rows = [flat[cu[i]:cu[i + 1]] for i in range(len(cu) - 1)]
     else:
-        ids_l, valid_l = ids.tolist(), valid.tolist()
-        rows = [[t for t, v in zip(r, m) if v] for r, m in zip(ids_l, valid_l)]
+        rows = [[t for t, v in zip(r, m) if v] for r, m in zip(ids.tolist(), valid.tolist())]
     for b, row in enumerate(rows):
-        for p, q in _image_runs(row, tok):
+        for p, q in image_runs(row, tok):
             n = q - p
             if n % hw == 0:
                 continue
@@ -442,34 +246,20 @@ def _padding_side(mask: Optional[torch.Tensor]) -> str:
 
 
 def _plan_segment(setup, ids, seg_mask, next_pos) -> _Segment:
-    stage_plan, _ = kernels()
+    from ..ops import stage_plan
+
     B, q = ids.shape
     valid0 = seg_mask.bool() if seg_mask is not None else torch.ones(B, q, dtype=torch.bool, device=ids.device)
-    plan = stage_plan(
-        setup.schedule,
-        input_ids=ids,
-        attention_mask=valid0,
-        image_token_id=setup.image_token_id,
-        grid=setup.grid,
-        padding_side=_padding_side(seg_mask),
-    )
+    plan = stage_plan(setup.schedule, input_ids=ids, attention_mask=valid0, image_token_id=setup.image_token_id,
+                      grid=setup.grid, padding_side=_padding_side(seg_mask))
     stages = []
     for s, st in enumerate(plan.stages):
         valid = st.attention_mask
         pos = st.position_ids
         if next_pos is not None:
             pos = torch.where(valid, pos + next_pos[:, None], pos)
-        stages.append(
-            _Stage(
-                index=st.index if s > 0 else None,
-                position_ids=pos,
-                valid=valid,
-                source_index=st.source_index,
-                cu_seqlens=st.cu_seqlens,
-                max_seqlen=int(st.max_seqlen),
-                has_padding=int(st.num_tokens) != valid.numel(),
-            )
-        )
+        stages.append(_Stage(st.index if s > 0 else None, pos, valid, st.source_index, st.cu_seqlens,
+                             int(st.max_seqlen), int(st.num_tokens) != valid.numel()))
     return _Segment("padded", stages, valid0.sum(dim=1))
 
 
@@ -488,38 +278,25 @@ def _text_segment(setup, B, q, seg_mask, next_pos, device) -> _Segment:
 
 
 def _packed_segment(setup, ids, cu) -> _Segment:
-    stage_plan, _ = kernels()
+    from ..ops import stage_plan
+
     flat = ids.reshape(-1)
-    plan = stage_plan(
-        setup.schedule,
-        input_ids=flat,
-        cu_seqlens=cu.to(torch.int32),
-        image_token_id=setup.image_token_id,
-        grid=setup.grid,
-    )
-    stages = []
-    for s, st in enumerate(plan.stages):
-        stages.append(
-            _Stage(
-                index=st.index if s > 0 else None,
-                position_ids=st.position_ids.unsqueeze(0),
-                valid=(st.source_index >= 0).unsqueeze(0),
-                source_index=st.source_index.unsqueeze(0),
-                cu_seqlens=st.cu_seqlens,
-                max_seqlen=int(st.max_seqlen),
-                has_padding=False,
-            )
-        )
+    plan = stage_plan(setup.schedule, input_ids=flat, cu_seqlens=cu.to(torch.int32),
+                      image_token_id=setup.image_token_id, grid=setup.grid)
+    stages = [
+        _Stage(st.index if s > 0 else None, st.position_ids.unsqueeze(0), (st.source_index >= 0).unsqueeze(0),
+               st.source_index.unsqueeze(0), st.cu_seqlens, int(st.max_seqlen), False)
+        for s, st in enumerate(plan.stages)
+    ]
     return _Segment("packed", stages, torch.tensor([flat.numel()], device=ids.device))
 
 
-def _packed_cu(attention_mask, position_ids, kwargs, B) -> Optional[torch.Tensor]:
+def _packed_cu(attention_mask, position_ids, cu_kw, B) -> Optional[torch.Tensor]:
     """cu_seqlens of a packed (padding-free) batch, or None if the batch is not packed."""
     if attention_mask is not None or B != 1:
         return None
-    cu = kwargs.get("cu_seq_lens_q")
-    if cu is not None:
-        return cu.to(torch.int64)
+    if cu_kw is not None:
+        return cu_kw.to(torch.int64)
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] < 2:
         return None
     pos = position_ids[0]
@@ -529,11 +306,6 @@ def _packed_cu(attention_mask, position_ids, kwargs, B) -> Optional[torch.Tensor
     zero = torch.zeros(1, dtype=torch.int64, device=pos.device)
     end = torch.tensor([pos.numel()], dtype=torch.int64, device=pos.device)
     return torch.cat([zero, starts.to(torch.int64), end])
-
-
-# =============================================================================================
-# Masks
-# =============================================================================================
 
 
 def _causal_allowed(kv_valid: torch.Tensor, q: int, offset) -> torch.Tensor:
@@ -558,271 +330,265 @@ def _packed_allowed(cu: torch.Tensor, T: int) -> torch.Tensor:
     return allowed[None, None]
 
 
-def _attn_mask(impl: str, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if impl == "sdpa":
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-def _is_flash(impl: str) -> bool:
-    return "flash" in (impl or "")
-
-
 # =============================================================================================
-# The forward
+# The hooks
 # =============================================================================================
 
 
-def _image_features(model, pixel_values, mm, vfl, vfss, image_sizes) -> Optional[torch.Tensor]:
-    """Projected image features as ``[num_image_tokens, D]`` (None without images)."""
-    out = None
-    if mm is not None and mm.get("image") is not None:
-        out = mm["image"]
-    elif pixel_values is not None:
-        cfg = model.config
-        kw = dict(
-            pixel_values=pixel_values,
-            vision_feature_layer=vfl if vfl is not None else cfg.vision_feature_layer,
-            vision_feature_select_strategy=vfss if vfss is not None else cfg.vision_feature_select_strategy,
-        )
-        if image_sizes is not None:
-            kw["image_sizes"] = image_sizes
-        try:
-            out = model.model.get_image_features(**kw, return_dict=True)
-        except TypeError:
-            out = model.model.get_image_features(**kw)
-    if out is None:
-        return None
-    feats = getattr(out, "pooler_output", out) if not isinstance(out, (list, tuple, torch.Tensor)) else out
-    if isinstance(feats, (list, tuple)):
-        feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], dim=0)
-    return feats.reshape(-1, feats.shape[-1])
+@dataclass
+class _Forward:
+    """What one forward call of an ADSC model runs with.
+
+    The layer hooks act while ``active``: from the model's pre-hook to its forward hook, and after
+    that as long as a backward pass may recompute layers (a training forward with gradients: with
+    gradient checkpointing, transformers releases before 5.23 run a layer's hooks again in the
+    backward's recompute). Layers called on their own outside a forward are left alone.
+    """
+
+    seg: _Segment
+    kv: List[Tuple[torch.Tensor, int]]  # per stage: (key valid [B, K], slot of the segment's first query)
+    cache: Optional[AdscCache]
+    impl: str
+    dtype: torch.dtype
+    labels: Optional[torch.Tensor]
+    num_items: Optional[torch.Tensor]
+    packed_cu: Optional[torch.Tensor]
+    layer_kwargs: Dict[int, dict]  # stage -> the kwargs its layers get (built at its first layer)
+    rope: Dict[int, Tuple[torch.Tensor, torch.Tensor]]  # stage -> (cos, sin)
+    active: bool = True
 
 
-def embed_with_images(model, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
-                      image_token_id: int) -> torch.Tensor:
-    """Token embeddings of ``input_ids`` (any shape) with the projected image features scattered
-    into the image-token rows, in order (the runtime engine's and the FastV baseline's input)."""
-    h = model.get_input_embeddings()(input_ids)
-    if pixel_values is not None and pixel_values.shape[0]:
-        feats = _image_features(model, pixel_values.to(h.device, h.dtype), None, None, None, None).to(h.dtype)
-        h = h.masked_scatter((input_ids == image_token_id)[..., None], feats)
-    return h
+class _State:
+    """The per-model state the hooks share: the setup and the current forward."""
+
+    def __init__(self, setup: AdscSetup):
+        self.setup = setup
+        self.current: Optional[_Forward] = None
+
+    def __getstate__(self):  # pickling / deepcopy of a model: the last forward's tensors are not state
+        return {"setup": self.setup, "current": None}
 
 
-def _adsc_forward(
-    self,
-    *,
-    input_ids,
-    pixel_values,
-    attention_mask,
-    position_ids,
-    cache,
-    inputs_embeds,
-    vision_feature_layer,
-    vision_feature_select_strategy,
-    labels,
-    logits_to_keep,
-    image_sizes,
-    use_cache,
-    output_hidden_states,
-    output_attentions,
-    kwargs,
-):
-    setup: AdscSetup = self._adsc
-    text = _text_model(self)
-    if output_attentions:
-        raise NotImplementedError("output_attentions is not supported by ADSC models")
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("give exactly one of input_ids or inputs_embeds")
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise AdscInputError(
-            f"ADSC builds its own per-stage masks from a 2-D attention_mask [batch, length]; got a "
-            f"{attention_mask.dim()}-D mask of shape {tuple(attention_mask.shape)}"
-        )
-    mm = kwargs.pop("mm_encoder_outputs", None)
-    num_items = kwargs.pop("num_items_in_batch", None)
-    kwargs.pop("cache_position", None)
-    cu_kw = kwargs.pop("cu_seq_lens_q", None)
-    for k in ("cu_seq_lens_k", "max_length_q", "max_length_k"):  # recomputed per stage
-        kwargs.pop(k, None)
+def _bind(module, args, kwargs) -> dict:
+    """The model's forward arguments as keywords."""
+    if not args:
+        return dict(kwargs)
+    params = _compat.forward_parameters(module)
+    out = dict(zip(params, args))
+    out.update(kwargs)
+    return out
 
-    # ---- the cache ---------------------------------------------------------------------------
-    if cache is not None and not isinstance(cache, (AdscCache, AdscStaticCache)):
-        if type(cache) is DynamicCache and cache.get_seq_length() == 0:
-            cache.__class__ = AdscCache  # an empty plain cache: adopt it
-            cache.adsc = None
-        else:
+
+class _ModelPreHook:
+    def __init__(self, state: _State):
+        self.state = state
+
+    def __call__(self, module, args, kwargs):
+        setup = self.state.setup
+        kw = _bind(module, args, kwargs)
+        if kw.get("output_attentions"):
+            raise NotImplementedError("output_attentions is not supported by ADSC models")
+        input_ids, inputs_embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        attention_mask = kw.get("attention_mask")
+        if attention_mask is not None and attention_mask.dim() != 2:
             raise AdscInputError(
-                f"an ADSC model needs an AdscCache (or an empty DynamicCache) as its cache, got "
-                f"{type(cache).__name__}; its layers hold different lengths per stage"
+                f"ADSC builds its own per-stage masks from a 2-D attention_mask [batch, length]; got a "
+                f"{attention_mask.dim()}-D mask of shape {tuple(attention_mask.shape)}"
             )
-    ref = inputs_embeds if inputs_embeds is not None else input_ids
-    B, q = ref.shape[:2]
-    device = ref.device
-    packed_cu = _packed_cu(attention_mask, position_ids, {"cu_seq_lens_q": cu_kw} if cu_kw is not None else {}, B)
-    if packed_cu is not None and cache is not None and cache.adsc is not None:
-        raise AdscInputError("packed (padding-free) inputs cannot continue a cache")
-    if use_cache is None:
-        use_cache = bool(getattr(text.config, "use_cache", True)) and not self.training
-    if packed_cu is not None:
-        use_cache = False
-    if cache is None and use_cache:
-        cache = _new_dynamic_cache(self.config)
-    state: Optional[AdscCacheState] = cache.adsc if cache is not None else None
-    first = state is None
-
-    # ---- embeddings and images -----------------------------------------------------------------
-    embed = self.get_input_embeddings()
-    ids = input_ids
-    if inputs_embeds is None:
-        inputs_embeds = embed(input_ids)
-    elif ids is None:
-        tok_emb = embed(torch.tensor(setup.image_token_id, device=device)).to(inputs_embeds.dtype)
-        is_img = (inputs_embeds == tok_emb).all(-1)
-        ids = torch.where(is_img, setup.image_token_id, 0 if setup.image_token_id != 0 else 1).long()
-    has_features = pixel_values is not None or (mm is not None and mm.get("image") is not None)
-    seg_mask = attention_mask[:, -q:] if attention_mask is not None else None
-    # ---- the segment's layout (the plan also checks that image tokens form whole images) --------
-    try:
+        cache_name = _compat.cache_kwarg(module)
+        cache = None
+        for name in _compat.CACHE_KWARGS:
+            c = kw.pop(name, None)
+            if c is not None:
+                if cache is not None and c is not cache:
+                    raise ValueError(f"pass the cache once (as {cache_name!r}), not under two names")
+                cache = c
+        text_config = module.config.get_text_config(decoder=True)
+        if cache is not None and not isinstance(cache, AdscCache):
+            if type(cache) is DynamicCache and cache.get_seq_length() == 0:
+                cache = AdscCache(config=text_config)  # generate()'s fresh cache: ours continues it
+            else:
+                raise AdscInputError(
+                    f"an ADSC model needs an AdscCache (or an empty DynamicCache) as its cache, got "
+                    f"{type(cache).__name__}; its layers hold different lengths per stage"
+                )
+        ref = inputs_embeds if inputs_embeds is not None else input_ids
+        B, q = ref.shape[:2]
+        device = ref.device
+        cu_kw = kw.pop("cu_seq_lens_q", None)
+        for name in _compat.FLASH_VARLEN_KWARGS[1:]:  # recomputed per stage
+            kw.pop(name, None)
+        kw.pop("cache_position", None)
+        packed_cu = _packed_cu(attention_mask, kw.get("position_ids"), cu_kw, B)
+        if packed_cu is not None and cache is not None and cache.adsc is not None:
+            raise AdscInputError("packed (padding-free) inputs cannot continue a cache")
+        use_cache = kw.get("use_cache")
+        if use_cache is None:
+            use_cache = bool(getattr(text_config, "use_cache", True)) and not module.training
         if packed_cu is not None:
-            seg = _packed_segment(setup, ids, packed_cu)
-        elif first or has_features:
-            seg = _plan_segment(setup, ids, seg_mask, None if first else state.next_pos)
-        else:
-            seg = _text_segment(setup, B, q, seg_mask, state.next_pos, device)
-    except ValueError as exc:
-        # Only on failure: walk the tokens again for a message that names a split prefill chunk.
-        valid0 = seg_mask.bool() if seg_mask is not None else torch.ones(B, q, dtype=torch.bool, device=device)
-        _check_images(setup, ids, valid0, continuation=not first, packed_cu=packed_cu)
-        raise AdscInputError(str(exc)) from exc
-    feats = _image_features(self, pixel_values, mm, vision_feature_layer, vision_feature_select_strategy, image_sizes)
-    if feats is not None:
-        img_mask = ids == setup.image_token_id
-        n_tok = int(img_mask.sum())
-        if n_tok != feats.shape[0]:
-            hw = setup.tokens_per_image
-            raise AdscInputError(
-                f"the input has {n_tok} image tokens ({n_tok / hw:g} images of {hw}) but the images "
-                f"give {feats.shape[0]} feature rows ({feats.shape[0] / hw:g} images)"
-            )
-        feats = feats.to(inputs_embeds.device, inputs_embeds.dtype)
-        inputs_embeds = inputs_embeds.masked_scatter(img_mask.unsqueeze(-1).to(inputs_embeds.device), feats)
+            use_cache = False
+        if not use_cache:
+            cache = None
+        elif cache is None:
+            cache = AdscCache(config=text_config)
+        kw["use_cache"] = use_cache
+        state = cache.adsc if cache is not None else None
+        first = state is None
 
-    # ---- the cache's bookkeeping -----------------------------------------------------------------
-    static = isinstance(cache, AdscStaticCache)
-    if cache is not None and first:
-        if static:
-            cache.allocate(setup.stage_of_layer, [st.valid.shape[1] for st in seg.stages], B, device)
-        else:
+        ids = input_ids
+        if ids is None:  # image tokens recognised by their embedding, as LLaVA does
+            emb = module.get_input_embeddings()
+            tok_emb = emb(torch.tensor(setup.image_token_id, device=device)).to(inputs_embeds.dtype)
+            is_img = (inputs_embeds == tok_emb).all(-1)
+            ids = torch.where(is_img, setup.image_token_id, 0 if setup.image_token_id != 0 else 1).long()
+        pixel_values = kw.get("pixel_values")
+        mm = kw.get("mm_encoder_outputs")
+        has_features = pixel_values is not None or (mm is not None and mm.get("image") is not None)
+        seg_mask = attention_mask[:, -q:] if attention_mask is not None else None
+        try:
+            if packed_cu is not None:
+                seg = _packed_segment(setup, ids, packed_cu)
+            elif first or has_features:
+                seg = _plan_segment(setup, ids, seg_mask, None if first else state.next_pos)
+            else:
+                seg = _text_segment(setup, B, q, seg_mask, state.next_pos, device)
+        except ValueError as exc:
+            # Only on failure: walk the tokens again for a message that names a split prefill chunk.
+            valid0 = seg_mask.bool() if seg_mask is not None else torch.ones(B, q, dtype=torch.bool, device=device)
+            _check_images(setup, ids, valid0, continuation=not first, packed_cu=packed_cu)
+            raise AdscInputError(str(exc)) from exc
+        if pixel_values is not None:
+            n_tok = int((ids == setup.image_token_id).sum())
+            rows = pixel_values.shape[0] * setup.tokens_per_image
+            if n_tok != rows:
+                hw = setup.tokens_per_image
+                raise AdscInputError(
+                    f"the input has {n_tok} image tokens ({n_tok / hw:g} images of {hw}) but the images "
+                    f"give {rows} feature rows ({pixel_values.shape[0]} images)"
+                )
+
+        if cache is not None and first:
             cache.adsc = AdscCacheState(
                 setup.stage_of_layer,
                 [torch.zeros(B, 0, dtype=torch.bool, device=device) for _ in seg.stages],
                 torch.zeros(B, dtype=torch.long, device=device),
             )
-        state = cache.adsc
-    kv = []  # per stage: (key valid [B, K], offset of the segment's first slot)
-    if cache is None:
-        kv = [(st.valid, 0) for st in seg.stages]
-    elif static:
-        offsets = [cache.filled(s) for s in range(len(seg.stages))]
-        cache.record([st.valid for st in seg.stages], seg.real_per_row)
-        kv = [(state.valid[s], offsets[s]) for s in range(len(seg.stages))]
-    else:
-        kv = [(torch.cat([state.valid[s], st.valid], dim=1), state.valid[s].shape[1]) for s, st in enumerate(seg.stages)]
-
-    hidden, all_hidden = _run_decoder(
-        text, setup, inputs_embeds, seg, kv, cache, use_cache, bool(output_hidden_states), kwargs
-    )
-    if cache is not None and not static:
-        state.append([st.valid for st in seg.stages], seg.real_per_row)
-
-    # ---- head and loss ---------------------------------------------------------------------------------
-    last = seg.stages[-1]
-    h = hidden
-    if isinstance(logits_to_keep, int) and logits_to_keep > 0 and labels is None:
-        h = hidden[:, -logits_to_keep:]
-    elif isinstance(logits_to_keep, torch.Tensor) and labels is None:
-        h = hidden[:, logits_to_keep]
-    logits = self.lm_head(h)
-    loss = None
-    if labels is not None:
-        loss = _adsc_loss(logits, labels, seg, packed_cu, num_items)
-    src = last.source_index
-    if src is None:  # identity layout
-        src = torch.where(
-            last.valid,
-            torch.arange(B * q, device=device, dtype=torch.int32).view(B, q),
-            torch.full((), -1, dtype=torch.int32, device=device),
+            state = cache.adsc
+        if cache is None:
+            kv = [(st.valid, 0) for st in seg.stages]
+        else:
+            kv = [(torch.cat([state.valid[s], st.valid], dim=1), state.valid[s].shape[1])
+                  for s, st in enumerate(seg.stages)]
+        text = module.model.language_model
+        dtype = (inputs_embeds if inputs_embeds is not None else text.embed_tokens.weight).dtype
+        self.state.current = _Forward(
+            seg=seg, kv=kv, cache=cache, impl=_compat.attn_implementation(text.config), dtype=dtype,
+            labels=kw.pop("labels", None), num_items=kw.get("num_items_in_batch"), packed_cu=packed_cu,
+            layer_kwargs={}, rope={},
         )
-    return AdscLlavaOutput(
-        loss=loss,
-        logits=logits,
-        past_key_values=cache if use_cache else None,
-        hidden_states=tuple(all_hidden) if output_hidden_states else None,
-        attentions=None,
-        image_hidden_states=feats,
-        adsc_source_index=src,
-        adsc_position_ids=last.position_ids,
-    )
+        if cache is not None:
+            kw[cache_name] = cache
+        kw["position_ids"] = seg.stages[0].position_ids  # stage 0's rotary comes from these
+        return (), kw
 
 
-def _run_decoder(text, setup: AdscSetup, hidden, seg: _Segment, kv, cache, use_cache, want_hidden, kwargs):
-    _, compact_tokens = kernels()
-    impl = getattr(text.config, "_attn_implementation", None) or "eager"
-    if impl == "flex_attention":
-        raise NotImplementedError("ADSC models run with eager, sdpa or flash attention, not flex_attention")
-    flash = _is_flash(impl)
-    packed = seg.layout == "packed"
+class _LayerPreHook:
+    def __init__(self, state: _State, layer: int):
+        self.state = state
+        self.layer = layer
+        self.stage = state.setup.stage_of_layer[layer]
+        self.first_of_stage = layer == 0 or state.setup.boundaries.get(layer) is not None
 
-    def stage_inputs(s: int):
-        st = seg.stages[s]
-        kv_valid, offset = kv[s]
-        extra = {}
-        if packed:
+    def __call__(self, module, args, kwargs):
+        fwd = self.state.current
+        if fwd is None or not fwd.active:  # a layer called on its own, outside an ADSC model's forward
+            return None
+        s = self.stage
+        hidden, positional = _compat.layer_hidden(args, kwargs)
+        expect = fwd.seg.stages[s - 1 if self.first_of_stage and s > 0 else s].valid.shape
+        if tuple(hidden.shape[:2]) != tuple(expect):  # not this forward's layout: a direct call
+            return None
+        if self.first_of_stage:
+            if s == 0:
+                fwd.rope[0] = kwargs["position_embeddings"]
+            else:
+                idx = fwd.seg.stages[s].index
+                cos, sin = fwd.rope[s - 1]
+                if idx is not None:
+                    from ..ops import compact_tokens
+
+                    # Plan indices are in range by construction: no range check, so no GPU sync here.
+                    if fwd.seg.layout == "packed":
+                        hidden = compact_tokens(hidden[0], idx, check_index=False).unsqueeze(0)
+                        cos = compact_tokens(cos[0], idx, check_index=False).unsqueeze(0)
+                        sin = compact_tokens(sin[0], idx, check_index=False).unsqueeze(0)
+                    else:
+                        hidden = compact_tokens(hidden, idx, check_index=False)
+                        cos = compact_tokens(cos, idx, check_index=False)
+                        sin = compact_tokens(sin, idx, check_index=False)
+                fwd.rope[s] = (cos, sin)
+        lkw = fwd.layer_kwargs.get(s)
+        if lkw is None:
+            lkw = fwd.layer_kwargs[s] = self._stage_kwargs(fwd, s)
+        kwargs = {**kwargs, **lkw, "position_embeddings": fwd.rope[s]}
+        if positional:
+            return (hidden, *args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    @staticmethod
+    def _stage_kwargs(fwd: _Forward, s: int) -> dict:
+        st = fwd.seg.stages[s]
+        kv_valid, offset = fwd.kv[s]
+        flash = _compat.is_flash(fwd.impl)
+        out = {"position_ids": st.position_ids}
+        if fwd.seg.layout == "packed":
             if flash:
                 cu = st.cu_seqlens.to(torch.int32)
-                extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=st.max_seqlen, max_length_k=st.max_seqlen)
-                mask = None
+                out.update(attention_mask=None, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                           max_length_q=st.max_seqlen, max_length_k=st.max_seqlen)
             else:
-                mask = _attn_mask(impl, _packed_allowed(st.cu_seqlens, st.valid.shape[1]), hidden.dtype)
+                out["attention_mask"] = _compat.format_mask(fwd.impl, _packed_allowed(st.cu_seqlens, st.valid.shape[1]),
+                                                            fwd.dtype)
         elif flash:
-            mask = kv_valid.to(torch.long)  # 2-D key mask; FlashAttention unpads with it
-        elif impl == "sdpa" and offset == 0 and not st.has_padding and kv_valid.shape[1] == st.valid.shape[1]:
-            mask = None  # plain causal prefill: let SDPA use is_causal
+            out["attention_mask"] = kv_valid.to(torch.long)  # a 2-D key mask: FlashAttention unpads with it
+        elif fwd.impl == "sdpa" and offset == 0 and not st.has_padding and kv_valid.shape[1] == st.valid.shape[1]:
+            out["attention_mask"] = None  # plain causal prefill: SDPA's is_causal
         else:
-            mask = _attn_mask(impl, _causal_allowed(kv_valid, st.valid.shape[1], offset), hidden.dtype)
-        return mask, st.position_ids, extra
+            out["attention_mask"] = _compat.format_mask(fwd.impl, _causal_allowed(kv_valid, st.valid.shape[1], offset),
+                                                        fwd.dtype)
+        return out
 
-    cos, sin = text.rotary_emb(hidden, seg.stages[0].position_ids)
-    mask, pos, extra = stage_inputs(0)
-    boundaries = setup.boundaries
-    all_hidden = [hidden] if want_hidden else []
-    for l, layer in enumerate(text.layers[: setup.num_layers]):
-        s = boundaries.get(l)
-        if s is not None:
-            idx = seg.stages[s].index
-            if idx is not None:
-                # Plan indices are in range by construction: no range check, so no GPU sync here.
-                if packed:
-                    hidden = compact_tokens(hidden[0], idx, check_index=False).unsqueeze(0)
-                    cos = compact_tokens(cos[0], idx, check_index=False).unsqueeze(0)
-                    sin = compact_tokens(sin[0], idx, check_index=False).unsqueeze(0)
-                else:
-                    hidden = compact_tokens(hidden, idx, check_index=False)
-                    cos = compact_tokens(cos, idx, check_index=False)
-                    sin = compact_tokens(sin, idx, check_index=False)
-            mask, pos, extra = stage_inputs(s)
-        lkw = dict(attention_mask=mask, position_ids=pos, use_cache=use_cache, position_embeddings=(cos, sin))
-        lkw[setup.cache_kw] = cache
-        out = layer(hidden, **lkw, **extra, **kwargs)
-        hidden = out[0] if isinstance(out, tuple) else out
-        if want_hidden:
-            all_hidden.append(hidden)
-    hidden = text.norm(hidden)
-    if want_hidden:
-        all_hidden[-1] = hidden
-    return hidden, all_hidden
+
+class _ModelHook:
+    def __init__(self, state: _State):
+        self.state = state
+
+    def __call__(self, module, args, kwargs, output):
+        fwd = self.state.current
+        if fwd is None:
+            return None
+        fwd.active = (module.training and torch.is_grad_enabled()
+                      and _compat.layer_checkpointed(module.model.language_model.layers[0]))
+        seg = fwd.seg
+        if fwd.cache is not None:
+            fwd.cache.adsc.append([st.valid for st in seg.stages], seg.real_per_row)
+        last = seg.stages[-1]
+        src = last.source_index
+        if src is None:  # identity layout
+            B, q = last.valid.shape
+            src = torch.where(last.valid, torch.arange(B * q, device=last.valid.device, dtype=torch.int32).view(B, q),
+                              torch.full((), -1, dtype=torch.int32, device=last.valid.device))
+        logits = output["logits"] if not isinstance(output, tuple) else output[0]
+        loss = None if fwd.labels is None else _adsc_loss(logits, fwd.labels, seg, fwd.packed_cu, fwd.num_items)
+        if isinstance(output, tuple):
+            return output if loss is None else (loss, *output)
+        if loss is not None:
+            output["loss"] = loss
+        output.adsc_layout = AdscLayout(src, last.position_ids)
+        return output
 
 
 def _adsc_loss(logits, labels, seg: _Segment, packed_cu, num_items):
@@ -846,10 +612,13 @@ def _adsc_loss(logits, labels, seg: _Segment, packed_cu, num_items):
     else:
         src = last.source_index.long()
         target = shifted[src.clamp(min=0)].masked_fill(src < 0, IGNORE_INDEX)
-    logits = logits.float()
-    total = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    if logits.shape[:-1] != target.shape:
+        raise AdscInputError(
+            f"the loss needs the logits of every token (logits_to_keep=0); got logits for "
+            f"{tuple(logits.shape[:-1])} of {tuple(target.shape)} token slots"
+        )
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
     if num_items is not None:
         denom = num_items.to(total.device) if isinstance(num_items, torch.Tensor) else num_items
     else:

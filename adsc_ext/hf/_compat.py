@@ -1,0 +1,106 @@
+"""Everything the Hugging Face integration needs from transformers that is not a documented API.
+
+The integration runs transformers' own LLaVA forward and acts only through module hooks (see
+:mod:`adsc_ext.hf.llava`). What it still has to know about transformers' internals is here, and
+``tests/test_hf_compat.py`` checks each item against the installed release, naming the item that
+moved when a release breaks it:
+
+1. the attention implementation a text config runs (``config._attn_implementation``), and the
+   mask format each implementation takes (eager: an additive float mask; sdpa: a boolean mask;
+   flash: a 2-D key mask, or none with ``cu_seq_lens_*``);
+2. the name of the cache argument of the model's forward (``past_key_values``; ``cache`` from
+   transformers 5.24, where the old name is deprecated until 5.40);
+3. how a decoder layer is called by the text model: hidden states first (positionally), then the
+   keyword arguments ``attention_mask``, ``position_ids``, ``position_embeddings``;
+4. a dynamic cache layer's tensors (``layer.keys`` / ``layer.values``, ``layer.is_initialized``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Optional, Tuple
+
+import torch
+
+#: The names transformers has used for the cache argument of a model's forward, newest first.
+CACHE_KWARGS = ("cache", "past_key_values")
+
+#: The keyword arguments a LLaMA decoder layer receives from its text model that ADSC replaces per
+#: stage (item 3); flash attention's varlen arguments are added for packed inputs.
+LAYER_KWARGS = ("attention_mask", "position_ids", "position_embeddings")
+FLASH_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def attn_implementation(config) -> str:
+    """The attention implementation the model with this (text) config runs (item 1)."""
+    return getattr(config, "_attn_implementation", None) or "eager"
+
+
+def is_flash(impl: str) -> bool:
+    return "flash" in impl
+
+
+def format_mask(impl: str, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean ``allowed [B, 1, q, K]`` (True = may attend) in the form ``impl`` takes (item 1)."""
+    if impl == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def forward_parameters(model) -> Tuple[str, ...]:
+    """The parameter names of ``type(model).forward`` (self excluded), decorators unwrapped."""
+    return tuple(inspect.signature(type(model).forward).parameters)[1:]
+
+
+def cache_kwarg(model) -> str:
+    """The name of the cache argument of ``model``'s forward (item 2)."""
+    params = forward_parameters(model)
+    for name in CACHE_KWARGS:
+        if name in params:
+            return name
+    raise TypeError(
+        f"{type(model).__name__}.forward takes none of {CACHE_KWARGS} as its cache argument; this "
+        f"transformers release is not supported (adsc_ext/hf/_compat.py, item 2)"
+    )
+
+
+def layer_hidden(args: tuple, kwargs: dict) -> Tuple[torch.Tensor, bool]:
+    """The hidden states a decoder layer was called with, and whether they came positionally (item 3)."""
+    if args:
+        return args[0], True
+    return kwargs["hidden_states"], False
+
+
+def layer_kv(layer) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(keys, values)`` of one cache layer, each ``[B, H, L, D]``; None before its first update (item 4)."""
+    if not getattr(layer, "is_initialized", False) or getattr(layer, "keys", None) is None:
+        return None
+    return layer.keys, layer.values
+
+
+def layer_cache_kwarg(layer) -> str:
+    """The cache argument of a decoder layer's forward (item 2, as for the model)."""
+    params = tuple(inspect.signature(type(layer).forward).parameters)
+    for name in CACHE_KWARGS:
+        if name in params:
+            return name
+    raise TypeError(f"{type(layer).__name__}.forward takes none of {CACHE_KWARGS} (adsc_ext/hf/_compat.py, item 2)")
+
+
+@contextlib.contextmanager
+def attention_implementation(config, impl: str):
+    """Run the model of this (text) config with attention ``impl`` for a while (item 1): the FastV
+    baseline needs eager attention's weights."""
+    old = config._attn_implementation
+    config._attn_implementation = impl
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
+
+
+def layer_checkpointed(layer) -> bool:
+    """Whether gradient checkpointing is on for a decoder layer (``GradientCheckpointingLayer``'s
+    ``gradient_checkpointing`` flag, set by ``model.gradient_checkpointing_enable()``)."""
+    return bool(getattr(layer, "gradient_checkpointing", False))
