@@ -311,7 +311,10 @@ def graph_uses_plugin(onnx_path) -> bool:
         import onnx  # noqa: WPS433 (optional)
     except ImportError:
         return _plugin.OP_TYPE.encode() in path.read_bytes()
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise TensorRTBuildError(f"{path} is not a readable ONNX model: {exc}") from None
 
     def walk(graph) -> bool:
         for node in graph.node:

@@ -1,0 +1,378 @@
+"""Tests of the TensorRT end that run without TensorRT: the plugin node contract (against the C++
+plugin's constants), profile computation from a manifest, argument and folder checks, the build
+report, plugin discovery, and `adsc trt-build`'s one-line error where tensorrt is missing. The
+engine build and run are in test_tensorrt_gpu.py (tensorrt + a GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adsc_ext.cli import main
+from adsc_ext.export import _plugin
+from adsc_ext.export import tensorrt as trt_export
+from adsc_ext.export.tensorrt import (
+    BuildLimits,
+    TensorRTBuildError,
+    TensorRTUnavailable,
+    build_engines,
+    dim_kind,
+    dim_ranges,
+    find_plugin_library,
+    graph_uses_plugin,
+    load_manifest,
+    profile_shapes,
+    stage_tokens_per_image,
+    write_build_report,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+no_tensorrt = pytest.mark.skipif(HAVE_TENSORRT, reason="tensorrt is installed here")
+
+
+# ---- the plugin node contract --------------------------------------------------------------------
+
+def _cxx_constant(name: str) -> str:
+    header = (REPO_ROOT / "csrc/tensorrt/compact_tokens_rules.h").read_text()
+    m = re.search(rf'{name} = "([^"]*)";', header)
+    assert m, name
+    return m.group(1)
+
+
+def test_plugin_contract_matches_the_cxx_plugin():
+    assert _plugin.OP_TYPE == _plugin.PLUGIN_NAME == _cxx_constant("kPluginName") == "AdscCompactTokens"
+    assert _plugin.PLUGIN_VERSION == _cxx_constant("kPluginVersion") == "1"
+    assert _plugin.PLUGIN_NAMESPACE == _cxx_constant("kPluginNamespace") == "adsc"
+    # The keys TensorRT's ONNX parser reads in its plugin fallback (FallbackPluginImporter), and
+    # nothing else: the plugin has no fields.
+    assert _plugin.compact_node_attributes() == {"plugin_version": "1", "plugin_namespace": "adsc"}
+    assert _plugin.compact_opset_import() == ("adsc", 1)
+
+
+def test_plugin_module_imports_nothing():
+    source = (REPO_ROOT / "adsc_ext/export/_plugin.py").read_text()
+    assert not re.search(r"^\s*(import|from)\s", source, re.M)
+
+
+def _plugin_model(path: Path, dtype=None):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    dtype = TensorProto.FLOAT16 if dtype is None else dtype
+    node = helper.make_node(_plugin.OP_TYPE, ["x", "index"], ["y"], name="compact_1",
+                            domain=_plugin.DOMAIN, **_plugin.compact_node_attributes())
+    graph = helper.make_graph(
+        [node], "compact",
+        [helper.make_tensor_value_info("x", dtype, ["T", 64]),
+         helper.make_tensor_value_info("index", TensorProto.INT32, ["T_s"])],
+        [helper.make_tensor_value_info("y", dtype, ["T_s", 64])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid(*_plugin.compact_opset_import())])
+    onnx.save(model, str(path))
+    return model
+
+
+def test_a_plugin_node_passes_the_onnx_checker(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    model = _plugin_model(tmp_path / "compact.onnx")
+    onnx.checker.check_model(model, full_check=True)
+    (node,) = model.graph.node
+    attrs = {a.name: a.s.decode() for a in node.attribute}
+    assert attrs == {"plugin_version": "1", "plugin_namespace": "adsc"}
+
+
+def test_graph_uses_plugin(tmp_path, monkeypatch):
+    pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+    import onnx
+
+    _plugin_model(tmp_path / "plugin.onnx")
+    plain = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "plain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]))
+    onnx.save(plain, str(tmp_path / "plain.onnx"))
+    assert graph_uses_plugin(tmp_path / "plugin.onnx")
+    assert not graph_uses_plugin(tmp_path / "plain.onnx")
+    (tmp_path / "broken.onnx").write_bytes(b"not a graph")
+    with pytest.raises(TensorRTBuildError, match="broken.onnx is not a readable ONNX model"):
+        graph_uses_plugin(tmp_path / "broken.onnx")
+    # Without onnx: a scan of the bytes gives the same answers.
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    assert graph_uses_plugin(tmp_path / "plugin.onnx")
+    assert not graph_uses_plugin(tmp_path / "plain.onnx")
+
+
+# ---- a manifest like the one `adsc export` writes ----------------------------------------------------
+
+def make_manifest(schedule="8:2,16:2,24:2", grid=(24, 24), num_layers=32, with_table=False):
+    stages = len(schedule.split(",")) + 1 if schedule else 1
+    index = [{"name": f"index.{s}", "dims": ["batch", f"seq.{s}"], "dtype": "int32"}
+             for s in range(1, stages)]
+    past_mask = [{"name": f"past_mask.{s}", "dims": ["batch", f"past_seq.{s}"], "dtype": "int64"}
+                 for s in range(stages)]
+    past = [{"name": f"past_key_values.0.{kv}", "dims": ["batch", 8, "past_seq.0", 64],
+             "dtype": "float16"} for kv in ("key", "value")]
+    manifest = {
+        "schedule": schedule,
+        "grid": list(grid),
+        "model": {"num_layers": num_layers, "hidden_size": 512},
+        "graphs": {
+            "vision": {"file": "vision.onnx",
+                       "inputs": [{"name": "pixel_values", "dims": ["num_images", 3, 336, 336],
+                                   "dtype": "float16"}], "outputs": []},
+            "prefill": {"file": "prefill.onnx",
+                        "inputs": [{"name": "inputs_embeds", "dims": ["batch", "seq.0", 512],
+                                    "dtype": "float16"},
+                                   {"name": "attention_mask", "dims": ["batch", "seq.0"], "dtype": "int64"},
+                                   *index], "outputs": []},
+            "decode": {"file": "decode.onnx",
+                       "inputs": [{"name": "inputs_embeds", "dims": ["batch", 1, 512], "dtype": "float16"},
+                                  *past_mask, *past], "outputs": []},
+        },
+    }
+    if with_table:
+        table = {"batch": {"kind": "batch"}, "num_images": {"kind": "images"},
+                 "seq.0": {"kind": "prompt"}}
+        table.update({f"seq.{s}": {"kind": "stage", "stage": s} for s in range(1, stages)})
+        table.update({f"past_seq.{s}": {"kind": "past", "stage": s} for s in range(stages)})
+        manifest["dims"] = table
+    return manifest
+
+
+def _identity_model_bytes() -> bytes:
+    try:
+        from onnx import TensorProto, helper
+    except ImportError:
+        return b"\x08\x08"  # without onnx, graph_uses_plugin scans bytes: any content will do
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "plain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]))
+    return model.SerializeToString()
+
+
+def write_folder(tmp_path, manifest=None, files=("vision.onnx", "prefill.onnx", "decode.onnx")):
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "adsc_manifest.json").write_text(json.dumps(manifest or make_manifest()))
+    for f in files:
+        (folder / f).write_bytes(_identity_model_bytes())
+    return folder
+
+
+def test_stage_tokens_per_image():
+    assert stage_tokens_per_image(make_manifest()) == [576, 288, 144, 72]
+    assert stage_tokens_per_image(make_manifest("2:4", (5, 7), 4)) == [35, 12]
+    assert stage_tokens_per_image(make_manifest("", (24, 24))) == [576]
+    with pytest.raises(ValueError):
+        stage_tokens_per_image(make_manifest("40:2"))  # past the model's 32 layers
+
+
+@pytest.mark.parametrize("with_table", [False, True])
+def test_dim_ranges_default_schedule(with_table):
+    manifest = make_manifest(with_table=with_table)
+    limits = BuildLimits(max_batch=8, max_prompt=1200, max_new_tokens=256)
+    r = dim_ranges(manifest, limits)
+    assert r["batch"] == (1, 8, 8)
+    # 2 images fit a 1200-token prompt: up to 16 in a batch of 8; opt one per row.
+    assert r["num_images"] == (1, 8, 16)
+    # Prompt and every prefill stage: up to max_prompt (a text-only row is not compacted); the
+    # opt is 64 text tokens + one image at that stage's tokens per image.
+    assert r["seq.0"] == (1, 64 + 576, 1200)
+    assert r["seq.1"] == (1, 64 + 288, 1200)
+    assert r["seq.2"] == (1, 64 + 144, 1200)
+    assert r["seq.3"] == (1, 64 + 72, 1200)
+    # Decode caches: up to the prompt plus all but the last new token; each stage its own opt.
+    for s, per_image in enumerate((576, 288, 144, 72)):
+        assert r[f"past_seq.{s}"] == (1, 64 + per_image + 128, 1200 + 255)
+    assert len({r[f"past_seq.{s}"][1] for s in range(4)}) == 4  # one profile dim per stage
+
+
+def test_dim_ranges_limits_and_opt_values():
+    manifest = make_manifest()
+    r = dim_ranges(manifest, BuildLimits(max_batch=32, opt_batch=4, max_new_tokens=16,
+                                         max_images=40, opt_text_tokens=10))
+    assert r["batch"] == (1, 4, 32)
+    assert r["num_images"] == (1, 4, 40)
+    assert r["seq.0"] == (1, 586, 576 + 512)     # default max prompt: one image + 512 text
+    assert r["past_seq.3"] == (1, 10 + 72 + 8, 576 + 512 + 15)
+    # A max prompt shorter than one image: the opt values are text-only, and clamped.
+    r = dim_ranges(manifest, BuildLimits(max_prompt=100, max_new_tokens=1))
+    assert r["seq.0"] == (1, 64, 100) and r["seq.3"] == (1, 64, 100)
+    assert r["past_seq.0"] == (1, 64, 100)
+    assert r["num_images"] == (1, 1, 1)  # no image fits: one, for a valid profile
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"max_batch": 0}, "max_batch must be >= 1"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+    ({"max_prompt": 0}, "max_prompt must be >= 1"),
+    ({"opt_batch": 9, "max_batch": 8}, "opt_batch 9 is larger than max_batch 8"),
+    ({"opt_text_tokens": -1}, "must be >= 0"),
+])
+def test_bad_limits(kwargs, needle):
+    with pytest.raises(TensorRTBuildError, match=needle):
+        dim_ranges(make_manifest(), BuildLimits(**kwargs))
+
+
+def test_dim_kind():
+    assert dim_kind("batch") == ("batch", 0)
+    assert dim_kind("batch_size") == ("batch", 0)
+    assert dim_kind("num_images") == ("images", 0)
+    assert dim_kind("seq") == ("prompt", 0)
+    assert dim_kind("prompt_len") == ("prompt", 0)
+    assert dim_kind("seq_0") == ("prompt", 0)
+    assert dim_kind("seq_2") == ("stage", 2)
+    assert dim_kind("past_seq.1") == ("past", 1)
+    assert dim_kind("kv_len_stage3") == ("past", 3)
+    assert dim_kind("past_sequence_length") == ("past", 0)
+    table = {"dims": {"n": {"kind": "past", "stage": 2}, "m": "batch", "x": {"kind": "stage", "stage": 0}}}
+    assert dim_kind("n", table) == ("past", 2)
+    assert dim_kind("m", table) == ("batch", 0)
+    assert dim_kind("x", table) == ("prompt", 0)
+    with pytest.raises(TensorRTBuildError, match="does not say what dynamic dim 'height' is"):
+        dim_kind("height")
+    with pytest.raises(TensorRTBuildError, match="unknown kind 'rows'"):
+        dim_kind("n", {"dims": {"n": {"kind": "rows"}}})
+
+
+def test_dim_ranges_rejects_unknown_and_out_of_range_dims():
+    m = make_manifest()
+    m["graphs"]["vision"]["inputs"][0]["dims"] = ["num_images", 3, "height", "width"]
+    with pytest.raises(TensorRTBuildError, match="'height'"):
+        dim_ranges(m, BuildLimits())
+    m = make_manifest()
+    m["graphs"]["prefill"]["inputs"].append({"name": "index.9", "dims": ["batch", "seq.9"]})
+    with pytest.raises(TensorRTBuildError, match="names stage 9, but the schedule has 4 stages"):
+        dim_ranges(m, BuildLimits())
+
+
+def test_profile_shapes():
+    m = make_manifest()
+    r = dim_ranges(m, BuildLimits(max_batch=4, max_prompt=700, max_new_tokens=10))
+    shapes = profile_shapes(m["graphs"]["decode"]["inputs"], r)
+    assert shapes["inputs_embeds"] == ((1, 1, 512), (4, 1, 512), (4, 1, 512))
+    lo, opt, hi = shapes["past_key_values.0.key"]
+    assert lo == (1, 8, 1, 64) and hi == (4, 8, 709, 64) and opt == (4, 8, 64 + 576 + 5, 64)
+    assert shapes["past_mask.2"][2] == (4, 709)
+    static = profile_shapes([{"name": "a", "dims": [2, 3]}], r)
+    assert static == {}  # static inputs need no profile entry
+    with pytest.raises(TensorRTBuildError, match="no range for dim 'foo'"):
+        profile_shapes([{"name": "a", "dims": ["foo"]}], r)
+
+
+# ---- folders, manifests, reports -------------------------------------------------------------------
+
+def test_load_manifest_errors(tmp_path):
+    with pytest.raises(TensorRTBuildError, match="is not a folder"):
+        load_manifest(tmp_path / "missing")
+    with pytest.raises(TensorRTBuildError, match="has no adsc_manifest.json"):
+        load_manifest(tmp_path)
+    (tmp_path / "adsc_manifest.json").write_text("{not json")
+    with pytest.raises(TensorRTBuildError, match="not readable JSON"):
+        load_manifest(tmp_path)
+    (tmp_path / "adsc_manifest.json").write_text(json.dumps({"schedule": ""}))
+    with pytest.raises(TensorRTBuildError, match="no 'graphs' entry"):
+        load_manifest(tmp_path)
+    (tmp_path / "adsc_manifest.json").write_text(json.dumps({"graphs": {"vision": {}}}))
+    with pytest.raises(TensorRTBuildError, match="'vision' has no 'inputs' list"):
+        load_manifest(tmp_path)
+    # The list form of 'graphs' is read too.
+    m = make_manifest()
+    m["graphs"] = [dict(v, name=k) for k, v in m["graphs"].items()]
+    (tmp_path / "adsc_manifest.json").write_text(json.dumps(m))
+    assert set(trt_export.graph_specs(load_manifest(tmp_path))) == {"vision", "prefill", "decode"}
+
+
+def test_build_engines_checks_before_tensorrt(tmp_path):
+    folder = write_folder(tmp_path)
+    with pytest.raises(TensorRTBuildError, match="no graph 'lm'"):
+        build_engines(folder, graphs=["lm"])
+    (folder / "decode.onnx").unlink()
+    with pytest.raises(TensorRTBuildError, match="decode.onnx is missing"):
+        build_engines(folder)
+    with pytest.raises(TensorRTBuildError, match="max_batch must be >= 1"):
+        build_engines(folder, BuildLimits(max_batch=0), graphs=["vision"])
+    (folder / "vision.engine").write_bytes(b"old")
+    with pytest.raises(TensorRTBuildError, match="vision.engine exists; pass force=True"):
+        build_engines(folder, graphs=["vision"])
+
+
+@no_tensorrt
+def test_build_engines_without_tensorrt(tmp_path):
+    folder = write_folder(tmp_path)
+    with pytest.raises(TensorRTUnavailable, match="pip install tensorrt"):
+        build_engines(folder, graphs=["vision"])
+    assert not list(folder.glob("*.engine")) and not (folder / "trt_build_report.json").exists()
+
+
+def test_write_build_report(tmp_path):
+    report = {"tensorrt_version": "11.1.0", "engines": {"vision": {"bytes": 3}}}
+    path = write_build_report(tmp_path, report)
+    assert path.name == "trt_build_report.json"
+    assert json.loads(path.read_text()) == report
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_find_plugin_library(tmp_path, monkeypatch):
+    lib = tmp_path / "libadsc_tensorrt.so"
+    with pytest.raises(TensorRTBuildError, match="does not exist"):
+        find_plugin_library(lib)
+    lib.write_bytes(b"")
+    assert find_plugin_library(lib) == lib.resolve()
+    monkeypatch.setenv("ADSC_TENSORRT_PLUGIN", str(lib))
+    assert find_plugin_library() == lib.resolve()
+    monkeypatch.setenv("ADSC_TENSORRT_PLUGIN", str(tmp_path / "nope.so"))
+    with pytest.raises(TensorRTBuildError, match="ADSC_TENSORRT_PLUGIN=.*does not exist"):
+        find_plugin_library()
+    monkeypatch.delenv("ADSC_TENSORRT_PLUGIN")
+    monkeypatch.setattr(trt_export, "_default_plugin_candidates", lambda: [tmp_path / "a.so"])
+    with pytest.raises(TensorRTBuildError, match="-DADSC_WITH_TENSORRT=ON"):
+        find_plugin_library()
+
+
+def test_a_plugin_export_without_the_library_fails_before_tensorrt(tmp_path, monkeypatch):
+    pytest.importorskip("onnx")
+    folder = write_folder(tmp_path, files=("prefill.onnx", "decode.onnx"))
+    _plugin_model(folder / "vision.onnx")
+    monkeypatch.delenv("ADSC_TENSORRT_PLUGIN", raising=False)
+    monkeypatch.setattr(trt_export, "_default_plugin_candidates", lambda: [])
+    with pytest.raises(TensorRTBuildError, match="use the AdscCompactTokens plugin"):
+        build_engines(folder, graphs=["vision"])
+
+
+# ---- the command -----------------------------------------------------------------------------------
+
+@no_tensorrt
+def test_trt_build_without_tensorrt_is_one_line(capsys, tmp_path):
+    folder = write_folder(tmp_path)
+    code = main(["trt-build", str(folder)])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.startswith("adsc: error: adsc trt-build: ") and err.count("\n") == 1, err
+    assert "pip install tensorrt" in err and "Traceback" not in err
+    assert not list(folder.glob("*.engine"))
+
+
+@no_tensorrt
+def test_trt_build_without_tensorrt_subprocess(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "adsc_ext", "trt-build", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "TensorRT's Python package is not installed" in proc.stderr
+
+
+def test_trt_build_usage_errors_are_one_line(capsys):
+    code = main(["trt-build", "--max-batch", "many", "x"])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.startswith("adsc: error: ") and err.count("\n") == 1
