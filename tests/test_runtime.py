@@ -237,6 +237,208 @@ def test_backend_selection(model):
             Attention(name, "cpu")
 
 
+def test_bad_engine_arguments_raise_instead_of_truncating(model):
+    for bad in (2.5, "16", True, None):
+        with pytest.raises(TypeError, match="block_size must be an int"):
+            Engine(model, SCHED, block_size=bad)
+    with pytest.raises(ValueError, match="block_size must be >= 1"):
+        Engine(model, SCHED, block_size=0)
+    with pytest.raises(TypeError, match="max_batch_size must be an int"):
+        Engine(model, SCHED, max_batch_size=1.5)
+    with pytest.raises(ValueError, match="num_blocks must be ints"):
+        Engine(model, SCHED, num_blocks=[4, 4.5, 4])
+    reqs, _ = requests(model)
+    with pytest.raises(EngineInputError, match="max_new_tokens must be an int"):
+        Engine(model, SCHED).generate([dict(reqs[0], max_new_tokens=2.5)])
+
+
+def test_generate_is_not_reentrant(model):
+    """A progress callback that calls generate() on the same engine gets a clear error, and the
+    engine is usable afterwards (its blocks were all freed)."""
+    reqs, _ = requests(model)
+    eng = Engine(model, SCHED, block_size=4, num_blocks=[60, 40, 30])
+    free0 = eng.pool.num_free_blocks()
+    with pytest.raises(RuntimeError, match="not re-entrant"):
+        eng.generate(reqs, max_new_tokens=3, progress=lambda done, total: eng.generate(reqs[:1], max_new_tokens=1))
+    assert eng.pool.num_free_blocks() == free0 and eng.pool.tables == {}
+    assert eng.generate(reqs, max_new_tokens=3) == Engine(model, SCHED).generate(reqs, max_new_tokens=3)
+    seen = []
+    eng.generate(reqs, max_new_tokens=2, progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (3, 3)
+
+
+class _DevicePathSpy:
+    """Counts, per call of the engine's prefill / decode step, what reaches the device path:
+    tensors made from host data (``aten.lift_fresh``: ``torch.tensor(list)``; 0-dim scalars aside), host reads
+    (``aten._local_scalar_dense``: ``int(t)``, ``.item()``; and ``Tensor.tolist``), and uploads
+    (the engine's one-copy ``_upload`` / ``_upload_pixels``). The host-side layout builders are
+    allowed to make host tensors; nothing else is."""
+
+    def __init__(self, monkeypatch):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        from adsc_ext.runtime import engine as E
+
+        self.calls = []  # one dict per prefill / decode step
+        self._host = 0
+        spy = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if spy.calls and not spy._host:
+                    # (a 0-dim tensor is a wrapped Python scalar, passed to kernels by value)
+                    if func is torch.ops.aten.lift_fresh.default and args[0].dim() > 0:
+                        spy.calls[-1]["host_tensors"] += 1
+                    elif func is torch.ops.aten._local_scalar_dense.default:
+                        spy.calls[-1]["syncs"] += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode
+
+        def phase(name, fn):
+            def wrapped(*a, **k):
+                self.calls.append(dict(phase=name, host_tensors=0, syncs=0, reads=0, uploads=0, layouts=0))
+                with Mode():
+                    return fn(*a, **k)
+            return wrapped
+
+        def host(fn, counter=None):
+            def wrapped(*a, **k):
+                if counter and self.calls:
+                    self.calls[-1][counter] += 1
+                self._host += 1
+                try:
+                    return fn(*a, **k)
+                finally:
+                    self._host -= 1
+            return wrapped
+
+        tolist = torch.Tensor.tolist
+
+        def counted_tolist(t):
+            if self.calls and not self._host:
+                self.calls[-1]["reads"] += 1
+            return tolist(t)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+        monkeypatch.setattr(E.Engine, "_prefill", phase("prefill", E.Engine._prefill))
+        monkeypatch.setattr(E.Engine, "_decode_step", phase("decode", E.Engine._decode_step))
+        monkeypatch.setattr(E.Engine, "_prefill_layout", host(E.Engine._prefill_layout))
+        monkeypatch.setattr(E.Engine, "_decode_layout", host(E.Engine._decode_layout, "layouts"))
+        monkeypatch.setattr(E.Engine, "_upload", host(E.Engine._upload, "uploads"))
+        monkeypatch.setattr(E.Engine, "_upload_pixels", host(E.Engine._upload_pixels, "uploads"))
+
+
+def test_prefill_and_decode_steps_make_no_device_tensor_from_host_data(monkeypatch, model):
+    """Issue 13, item 1: no ``torch.tensor(list)`` and no host read on the device path; a prefill
+    uploads its integers in one copy (plus one for the images) and reads back only the picked
+    tokens; a decode step uploads nothing unless the batch changed, and reads back its tokens."""
+    reqs, _ = requests(model)
+    want = Engine(model, SCHED, block_size=4).generate(reqs, max_new_tokens=5)
+    spy = _DevicePathSpy(monkeypatch)
+    # request 0 stops after 2 tokens: the batch changes once mid-decode
+    reqs2 = [dict(reqs[0], max_new_tokens=2), reqs[1], reqs[2]]
+    got = Engine(model, SCHED, block_size=4).generate(reqs2, max_new_tokens=5)
+    assert got == [want[0][:2], want[1], want[2]]
+    prefills = [c for c in spy.calls if c["phase"] == "prefill"]
+    decodes = [c for c in spy.calls if c["phase"] == "decode"]
+    assert len(prefills) == 1 and len(decodes) == 4
+    for c in spy.calls:
+        assert c["host_tensors"] == 0 and c["syncs"] == 0, c
+        assert c["reads"] == 1, c  # the picked tokens
+    assert prefills[0]["uploads"] == 2  # the integers, the images
+    assert [c["layouts"] for c in decodes] == [1, 1, 0, 0]  # built at the start and when request 0 left
+    assert [c["uploads"] for c in decodes] == [1, 1, 0, 0]
+
+
+def test_gather_decode_reads_only_the_blocks_in_use(monkeypatch, model):
+    """The gather fallback reads the blocks the longest sequence has filled, not the blocks
+    reserved for max_new_tokens, and builds its index once per stage and step (not per layer)."""
+    from adsc_ext.runtime import attention as A
+    from adsc_ext.runtime import engine as E
+
+    reqs, _ = requests(model)
+    new = 9
+    want = Engine(model, SCHED, block_size=1).generate(reqs, max_new_tokens=new)
+    widths, builds = [], []
+    gather, build = A.paged_decode_gather, A.gather_index
+    monkeypatch.setattr(A, "paged_decode_gather", lambda q, kc, vc, g, scale: (widths.append(g.width),
+                                                                               gather(q, kc, vc, g, scale))[1])
+    monkeypatch.setattr(E, "gather_index", lambda *a: (builds.append(1), build(*a))[1])
+    eng = Engine(model, SCHED, block_size=4)
+    assert eng.attention.decode_path == "gather"
+    assert eng.generate(reqs, max_new_tokens=new) == want
+    steps = new - 1
+    assert len(builds) == steps * len(eng.stages)
+    assert len(widths) == steps * eng.num_layers
+    # every layer of a stage at a step reads the same width: the longest sequence's blocks in use
+    lens = [eng.stage_lengths(r["input_ids"]) for r in reqs]
+    want = []
+    for t in range(1, new):
+        for l in range(eng.num_layers):
+            k = eng.stage_of_layer[l]
+            want.append(-(-(max(L[k] for L in lens) + t) // 4))
+    assert widths == want
+    reserved = max(-(-(L[0] + new) // 4) for L in lens)
+    assert widths[0] < reserved
+
+
+def test_cuda_graph_decode_bookkeeping_on_cpu(monkeypatch, model):
+    """What ``cuda_graphs=True`` does around the capture, checked on the CPU with the capture
+    replaced by a plain call whose "replay" re-runs the step on the same static buffers: batch
+    buckets with padded rows (which must write nothing), buffers that keep their addresses while a
+    bucket is reused, a reload when the batch changes, and the same tokens as eager decode. The
+    capture itself (torch.cuda.graph) is only checked on a GPU."""
+    from adsc_ext.runtime import engine as E
+
+    captured = []
+
+    def fake_capture(fn, pool):
+        out = fn()
+        captured.append(fn)
+        return (lambda: out.copy_(fn())), out
+
+    monkeypatch.setattr(E, "_require_cuda_graphs", lambda device: None)
+    monkeypatch.setattr(E, "_capture", fake_capture)
+    reqs, _ = requests(model)
+    reqs2 = [dict(reqs[0], max_new_tokens=3), reqs[1], reqs[2]]
+    want = Engine(model, SCHED, block_size=4).generate(reqs2, max_new_tokens=7)
+    blocks = Engine(model, SCHED, block_size=4).pool_blocks_for(reqs2, 7)
+    eng = Engine(model, SCHED, block_size=4, cuda_graphs=True, num_blocks=blocks)  # a persistent pool
+    ptrs = []
+    step = E._GraphRunner.step
+
+    def spy_step(self, state):
+        ptrs.append((self.batch, self.tokens.data_ptr(), self.lens[0].data_ptr(), state.tokens.data_ptr()))
+        return step(self, state)
+
+    monkeypatch.setattr(E._GraphRunner, "step", spy_step)
+    got = eng.generate(reqs2, max_new_tokens=7)
+    assert got == want
+    assert eng.stats["cuda_graphs"] is True
+    # 3 requests -> bucket 4 (one padded row); after request 0 leaves, 2 -> bucket 2
+    assert [p[0] for p in ptrs] == [4, 4, 2, 2, 2, 2]
+    assert len({p[1:] for p in ptrs[:2]}) == 1 and len({p[1:] for p in ptrs[2:]}) == 1
+    assert all(p[1] == p[3] for p in ptrs)  # the step reads the runner's static buffers
+    assert len(captured) == 2 == eng.stats["graphs_captured"]
+    # A second call on the same (persistent) pool reuses the runners and their graphs.
+    assert eng.generate(reqs2, max_new_tokens=7) == want
+    assert len(captured) == 2
+    # Fresh pools per call (num_blocks=None) move the KV tensors: the graphs are captured again.
+    fresh = Engine(model, SCHED, block_size=4, cuda_graphs=True)
+    assert fresh.generate(reqs2, max_new_tokens=7) == want == fresh.generate(reqs2, max_new_tokens=7)
+    assert len(captured) == 6
+    # sampling runs on the device outside the graph, seeded as in eager decode
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert (eng.generate(reqs, max_new_tokens=4, temperature=0.9, generator=g())
+            == Engine(model, SCHED, block_size=4).generate(reqs, max_new_tokens=4, temperature=0.9, generator=g()))
+
+
+def test_cuda_graphs_need_a_cuda_device(model):
+    with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device"):
+        Engine(model, SCHED, cuda_graphs=True)
+
+
 # ---- attention kernels against dense references ------------------------------------------------
 def test_varlen_prefill_and_paged_decode_match_dense():
     g = torch.Generator().manual_seed(0)

@@ -115,7 +115,9 @@ class Engine:
             ``generate`` call to exactly the blocks its requests need in every stage.
         max_batch_size: most requests decoded together (others wait and join between steps).
         cuda_graphs: capture each decode step's decoder in a CUDA graph, one per batch-size bucket
-            (powers of two up to ``max_batch_size``), and replay it. CUDA only. **Not yet verified
+            (powers of two up to ``max_batch_size``), and replay it. CUDA only. A graph bakes in
+            the KV pools' addresses, so give ``num_blocks`` (a persistent pool) to reuse graphs
+            across ``generate`` calls; fresh pools are captured again. **Not yet verified
             on a GPU**: the bookkeeping (static buffers, padded rows, buckets) is tested on the CPU
             with the capture replaced by a plain call.
     """
@@ -413,15 +415,17 @@ class Engine:
         return attention_output(layer, h, attend(q, k, v, sp.k[l], sp.v[l]))
 
     # ---- prefill -------------------------------------------------------------------------------------
-    def _prefill(self, pool: StagedKVPool, seqs: List[_Seq], sample) -> "_Timer":
-        from ..ops import compact_tokens, stage_plan
+    def _prefill_layout(self, pool: StagedKVPool, seqs: List[_Seq]) -> Dict[str, Any]:
+        """The host side of a prefill: the plan (the core's CPU plan on the host ids: no device
+        round trip, and its sizes equal the host-known stage lengths) and every integer the device
+        needs, as ``parts`` for :meth:`_upload`."""
+        from ..ops import stage_plan
 
-        B, S, bs = len(seqs), len(self.stages), self.block_size
+        S = len(self.stages)
         ids_host = torch.cat([s.ids for s in seqs])
         cu0 = [0]
         for s in seqs:
             cu0.append(cu0[-1] + s.n)
-        # The plan, on the host (no device round trip): its sizes equal the host-known stage lengths.
         plan = stage_plan(self.schedule, input_ids=ids_host, cu_seqlens=torch.as_tensor(cu0, dtype=torch.int32),
                           image_token_id=self.image_token_id, grid=self.grid)
         widths = [max(len(pool.tables[s.rid][k]) for s in seqs) for k in range(S)]
@@ -429,20 +433,36 @@ class Engine:
         for k in range(S):
             parts += [plan.stages[k].cu_seqlens, pool.block_table_rows([s.rid for s in seqs], k, widths[k])]
         parts += [plan.stages[k].index for k in range(1, S)]
-        dev_parts = self._upload(parts)
-        ids, pos0 = dev_parts[0], dev_parts[1]
-        cus = [dev_parts[2 + 2 * k].to(torch.int32) for k in range(S)]
-        bts = [dev_parts[3 + 2 * k].view(B, widths[k]) for k in range(S)]
-        index = [None] + dev_parts[2 + 2 * S:]
-        max_lens = [max(s.stage_lens[k] for s in seqs) for k in range(S)]
         cu_host = [[0] for _ in range(S)]
         for k in range(S):
             for s in seqs:
                 cu_host[k].append(cu_host[k][-1] + s.stage_lens[k])
-        slots = [_prefill_slots(cus[k], bts[k], cu_host[k][-1], bs) for k in range(S)]
+        return dict(parts=parts, widths=widths, cu_host=cu_host,
+                    max_lens=[max(s.stage_lens[k] for s in seqs) for k in range(S)])
 
+    def _upload_pixels(self, seqs: List[_Seq]) -> Optional[torch.Tensor]:
+        """The batch's images in one host-to-device copy (None without images)."""
         pix = [s.pixel_values for s in seqs if s.pixel_values is not None]
-        pix_dev = (torch.cat(pix).to(self.device, self.dtype, non_blocking=True) if pix else None)
+        if not pix:
+            return None
+        host = torch.cat(pix).to(self.dtype)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
+
+    def _prefill(self, pool: StagedKVPool, seqs: List[_Seq], sample) -> "_Timer":
+        from ..ops import compact_tokens
+
+        B, S, bs = len(seqs), len(self.stages), self.block_size
+        lay = self._prefill_layout(pool, seqs)
+        widths, cu_host, max_lens = lay["widths"], lay["cu_host"], lay["max_lens"]
+        dev_parts = self._upload(lay["parts"])
+        ids, pos0 = dev_parts[0], dev_parts[1]
+        cus = [dev_parts[2 + 2 * k].to(torch.int32) for k in range(S)]
+        bts = [dev_parts[3 + 2 * k].view(B, widths[k]) for k in range(S)]
+        index = [None] + dev_parts[2 + 2 * S:]
+        slots = [_prefill_slots(cus[k], bts[k], cu_host[k][-1], bs) for k in range(S)]
+        pix_dev = self._upload_pixels(seqs)
         n_img_tokens = sum(s.num_images for s in seqs) * self.tokens_per_image
         h = embed_with_images(self.model, ids, pix_dev, self.image_token_id, num_image_tokens=n_img_tokens)
         cos, sin = rotary(self.model, h[None], pos0[None])
