@@ -26,7 +26,7 @@ from adsc_ext.export.tensorrt import (
     dim_ranges,
     find_plugin_library,
     graph_uses_plugin,
-    load_manifest,
+    read_manifest,
     profile_shapes,
     stage_tokens_per_image,
     write_build_report,
@@ -168,6 +168,81 @@ def write_folder(tmp_path, manifest=None, files=("vision.onnx", "prefill.onnx", 
     return folder
 
 
+def export_manifest(max_stage_tokens=(16, 8, 4)):
+    """The shape of what `adsc export` writes (adsc_ext.export.manifest): inputs with 'shape',
+    per-stage dim names in 'stages', op_types per graph (here a plugin export, schedule 2:2,4:2)."""
+    n = len(max_stage_tokens)
+    stages = [{"stage": s, "tokens_per_image": t, "prefill_dim": f"seq_stage{s}",
+               "decode_dim": f"past_seq_stage{s}"} for s, t in enumerate(max_stage_tokens)]
+    kv = [{"name": f"past_key_values.{l}.{w}", "shape": ["batch", 2, f"past_seq_stage{l // 2}", 16],
+           "dtype": "float32"} for l in range(2 * n) for w in ("key", "value")]
+    return {
+        "format": "adsc-llava-onnx", "schedule": "2:2,4:2", "grid": [4, 4], "stages": stages,
+        "model": {"num_layers": 6},
+        "graphs": {
+            "vision": {"file": "vision.onnx", "op_types": ["Conv"],
+                       "inputs": [{"name": "pixel_values", "shape": ["num_images", 3, 16, 16]}]},
+            "embed": {"file": "embed.onnx", "op_types": ["Gather"],
+                      "inputs": [{"name": "input_ids", "shape": ["batch", "seq"]}]},
+            "prefill": {"file": "prefill.onnx", "op_types": ["AdscCompactTokens", "Attention"],
+                        "inputs": [{"name": "inputs_embeds", "shape": ["batch", "seq_stage0", 64]},
+                                   {"name": "attention_mask", "shape": ["batch", "seq_stage0"]},
+                                   {"name": "position_ids", "shape": ["batch", "seq_stage0"]},
+                                   *({"name": f"adsc_index.{s}", "shape": ["batch", f"seq_stage{s}"]}
+                                     for s in range(1, n))]},
+            "decode": {"file": "decode.onnx", "op_types": ["Attention"],
+                       "inputs": [{"name": "inputs_embeds", "shape": ["batch", 1, 64]},
+                                  {"name": "position_ids", "shape": ["batch", 1]},
+                                  *({"name": f"past_mask.{s}", "shape": ["batch", f"past_seq_stage{s}"]}
+                                    for s in range(n)), *kv]},
+        },
+    }
+
+
+def test_profiles_of_an_export_manifest():
+    m = export_manifest()
+    r = dim_ranges(m, BuildLimits(max_batch=4, max_prompt=200, max_new_tokens=32))
+    assert r == {"num_images": (1, 4, 48), "batch": (1, 4, 4), "seq": (1, 80, 200),
+                 "seq_stage0": (1, 80, 200), "seq_stage1": (1, 72, 200), "seq_stage2": (1, 68, 200),
+                 "past_seq_stage0": (1, 96, 231), "past_seq_stage1": (1, 88, 231),
+                 "past_seq_stage2": (1, 84, 231)}
+    shapes = profile_shapes(trt_export.graph_specs(m)["decode"]["inputs"], r)
+    assert shapes["past_key_values.5.value"] == ((1, 2, 1, 16), (4, 2, 84, 16), (4, 2, 231, 16))
+    assert shapes["past_mask.1"] == ((1, 1), (4, 88), (4, 231))
+    # The stages table wins over names: a stage dim named like a batch is still a stage.
+    m["stages"][1]["prefill_dim"] = "batch_like"
+    assert dim_kind("batch_like", m) == ("stage", 1)
+    assert dim_kind("past_seq_stage2", m) == ("past", 2)
+
+
+def test_plugin_use_is_read_from_the_manifest_op_types(tmp_path, monkeypatch):
+    folder = write_folder(tmp_path, export_manifest(),
+                          files=("vision.onnx", "embed.onnx", "prefill.onnx", "decode.onnx"))
+    monkeypatch.delenv("ADSC_TENSORRT_PLUGIN", raising=False)
+    monkeypatch.setattr(trt_export, "_default_plugin_candidates", lambda: [])
+    # prefill's op_types name the plugin (its file here is a plain graph: the manifest decides).
+    with pytest.raises(TensorRTBuildError, match="use the AdscCompactTokens plugin"):
+        build_engines(folder, graphs=["prefill"])
+    if not HAVE_TENSORRT:
+        with pytest.raises(TensorRTUnavailable):
+            build_engines(folder, graphs=["embed", "decode"])
+
+
+def test_a_local_reference_function_is_refused(tmp_path):
+    pytest.importorskip("onnx")
+    import onnx
+    from onnx import helper
+
+    model = _plugin_model(tmp_path / "p.onnx")
+    ref = helper.make_function(_plugin.DOMAIN, _plugin.OP_TYPE, ["x", "index"], ["y"],
+                               [helper.make_node("Identity", ["x"], ["y"])],
+                               [helper.make_opsetid("", 17)])
+    model.functions.append(ref)
+    onnx.save(model, str(tmp_path / "p.onnx"))
+    with pytest.raises(TensorRTBuildError, match="local ONNX function"):
+        graph_uses_plugin(tmp_path / "p.onnx")
+
+
 def test_stage_tokens_per_image():
     assert stage_tokens_per_image(make_manifest()) == [576, 288, 144, 72]
     assert stage_tokens_per_image(make_manifest("2:4", (5, 7), 4)) == [35, 12]
@@ -271,25 +346,25 @@ def test_profile_shapes():
 
 # ---- folders, manifests, reports -------------------------------------------------------------------
 
-def test_load_manifest_errors(tmp_path):
+def test_read_manifest_errors(tmp_path):
     with pytest.raises(TensorRTBuildError, match="is not a folder"):
-        load_manifest(tmp_path / "missing")
+        read_manifest(tmp_path / "missing")
     with pytest.raises(TensorRTBuildError, match="has no adsc_manifest.json"):
-        load_manifest(tmp_path)
+        read_manifest(tmp_path)
     (tmp_path / "adsc_manifest.json").write_text("{not json")
     with pytest.raises(TensorRTBuildError, match="not readable JSON"):
-        load_manifest(tmp_path)
+        read_manifest(tmp_path)
     (tmp_path / "adsc_manifest.json").write_text(json.dumps({"schedule": ""}))
     with pytest.raises(TensorRTBuildError, match="no 'graphs' entry"):
-        load_manifest(tmp_path)
+        read_manifest(tmp_path)
     (tmp_path / "adsc_manifest.json").write_text(json.dumps({"graphs": {"vision": {}}}))
     with pytest.raises(TensorRTBuildError, match="'vision' has no 'inputs' list"):
-        load_manifest(tmp_path)
+        read_manifest(tmp_path)
     # The list form of 'graphs' is read too.
     m = make_manifest()
     m["graphs"] = [dict(v, name=k) for k, v in m["graphs"].items()]
     (tmp_path / "adsc_manifest.json").write_text(json.dumps(m))
-    assert set(trt_export.graph_specs(load_manifest(tmp_path))) == {"vision", "prefill", "decode"}
+    assert set(trt_export.graph_specs(read_manifest(tmp_path))) == {"vision", "prefill", "decode"}
 
 
 def test_build_engines_checks_before_tensorrt(tmp_path):

@@ -18,19 +18,18 @@ builder and ONNX parser:
 - a build report, ``trt_build_report.json``: TensorRT version, limits, the plugin library, and per
   engine its file, size, build time and profile.
 
-Everything but the TensorRT calls is plain Python (:func:`load_manifest`, :func:`dim_ranges`,
+Everything but the TensorRT calls is plain Python (:func:`read_manifest`, :func:`dim_ranges`,
 :func:`profile_shapes`, :func:`find_plugin_library`, :func:`graph_uses_plugin`,
 :func:`write_build_report`) and is tested without TensorRT. ``tensorrt`` is imported only inside
 :func:`build_engines` and :class:`TensorRTRunner`; without it they raise
 :class:`TensorRTUnavailable`, whose message says what to install.
 
-What the manifest must hold (``adsc export`` writes it, issue "Engine build, part 1"):
-``graphs`` maps a graph name to ``{"file": ..., "inputs": [{"name", "dims", "dtype"}, ...],
-"outputs": [...]}`` (a list of graphs with a ``name`` each is accepted too), ``dims`` is a list of
-ints (static) and strings (dynamic dim names); ``schedule``, ``grid`` and ``num_layers`` (at the
-top level or under ``model``). A dynamic dim is classified by ``manifest["dims"][name]`` =
-``{"kind": "batch" | "images" | "prompt" | "stage" | "past", "stage": s}`` when the manifest has
-that table, else by its name (:func:`dim_kind`).
+What is read from the manifest (``adsc export`` writes it, :mod:`adsc_ext.export.manifest`):
+``graphs``: graph name -> ``{"file", "inputs": [{"name", "shape", "dtype"}, ...], "op_types"}``
+(``dims`` for ``shape`` and a list of graphs with a ``name`` each are accepted too); a shape holds
+ints (static) and strings (dynamic dim names). ``stages``: per stage its ``tokens_per_image``,
+``prefill_dim`` and ``decode_dim`` (else ``schedule`` + ``grid``, and dims classified by name, see
+:func:`dim_kind`).
 """
 
 from __future__ import annotations
@@ -53,7 +52,7 @@ __all__ = [
     "MANIFEST_NAME",
     "REPORT_NAME",
     "INSTALL_HINT",
-    "load_manifest",
+    "read_manifest",
     "graph_specs",
     "stage_tokens_per_image",
     "dim_kind",
@@ -122,7 +121,7 @@ class BuildLimits:
 
 # ---- the manifest -----------------------------------------------------------------------------
 
-def load_manifest(folder) -> Dict[str, Any]:
+def read_manifest(folder) -> Dict[str, Any]:
     """Read ``folder/adsc_manifest.json``; one clear error if the folder or manifest is not usable."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -157,9 +156,14 @@ def graph_specs(manifest: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
             raise TensorRTBuildError(f"manifest graph {name!r} has no 'inputs' list")
         spec = dict(spec)
         spec.setdefault("file", f"{name}.onnx")
+        inputs = []
         for t in spec["inputs"]:
-            if not isinstance(t, dict) or "name" not in t or not isinstance(t.get("dims"), list):
-                raise TensorRTBuildError(f"manifest graph {name!r}: every input needs 'name' and 'dims'")
+            dims = t.get("dims", t.get("shape")) if isinstance(t, dict) else None
+            if "name" not in t or not isinstance(dims, list):
+                raise TensorRTBuildError(
+                    f"manifest graph {name!r}: every input needs 'name' and 'shape' (or 'dims')")
+            inputs.append(dict(t, dims=dims))
+        spec["inputs"] = inputs
         out[name] = spec
     return out
 
@@ -176,6 +180,10 @@ def _manifest_value(manifest: Dict[str, Any], key: str):
 
 def stage_tokens_per_image(manifest: Dict[str, Any]) -> List[int]:
     """Vision tokens per image at each stage (stage 0 first), from the manifest's schedule and grid."""
+    stages = manifest.get("stages")
+    if isinstance(stages, list) and stages and all(
+            isinstance(st, dict) and "tokens_per_image" in st for st in stages):
+        return [int(st["tokens_per_image"]) for st in stages]
     schedule_text = _manifest_value(manifest, "schedule")
     grid = _manifest_value(manifest, "grid")
     if schedule_text is None or grid is None:
@@ -193,10 +201,17 @@ _STAGE_SUFFIX = re.compile(r"(?:_|\.|stage)(\d+)$")
 def dim_kind(name: str, manifest: Optional[Dict[str, Any]] = None) -> Tuple[str, int]:
     """``(kind, stage)`` of a dynamic dim: kind is ``batch``, ``images``, ``prompt`` (stage-0
     prompt length), ``stage`` (the prefill length at stage ``s``) or ``past`` (a decode cache length
-    at stage ``s``). The manifest's ``dims`` table decides when present; else the name:
+    at stage ``s``). The manifest's ``stages[s]["prefill_dim"]`` / ``["decode_dim"]`` (what
+    ``adsc export`` writes) or its ``dims`` table decide when present; else the name:
     ``batch*``; ``*image*``; ``past*`` / ``*cache*`` / ``*kv*`` with a stage suffix (``_1``,
     ``.1``, ``stage1``); ``*seq*`` / ``*prompt*`` / ``*len*`` / ``*token*`` with a stage suffix
     (stage 0: ``prompt``) or without one (``prompt``)."""
+    for st in (manifest or {}).get("stages") or []:
+        if isinstance(st, dict) and name in (st.get("prefill_dim"), st.get("decode_dim")):
+            stage = int(st.get("stage", 0))
+            if name == st.get("decode_dim"):
+                return "past", stage
+            return ("stage", stage) if stage else ("prompt", 0)
     table = (manifest or {}).get("dims")
     if isinstance(table, dict) and name in table:
         entry = table[name]
@@ -325,6 +340,11 @@ def graph_uses_plugin(onnx_path) -> bool:
                     return True
         return False
 
+    if any(f.name == _plugin.OP_TYPE and f.domain == _plugin.DOMAIN for f in model.functions):
+        # TensorRT's parser prefers a model-local function over the plugin fallback.
+        raise TensorRTBuildError(
+            f"{path} defines {_plugin.OP_TYPE} as a local ONNX function (the ONNX Runtime reference): "
+            "TensorRT would inline it instead of using the plugin; build from the graph without it")
     return walk(model.graph) or any(
         n.op_type == _plugin.OP_TYPE for f in model.functions for n in f.node)
 
@@ -466,7 +486,7 @@ def build_engines(
     """
     folder = Path(folder)
     limits = limits or BuildLimits()
-    manifest = load_manifest(folder)
+    manifest = read_manifest(folder)
     specs = graph_specs(manifest)
     names = list(graphs) if graphs else list(specs)
     unknown = [n for n in names if n not in specs]
@@ -478,7 +498,13 @@ def build_engines(
     ranges = dim_ranges(manifest, limits)
     shapes = {n: profile_shapes(specs[n]["inputs"], ranges) for n in names}
     _check_outputs_free(folder, names, specs, force)
-    uses_plugin = {n: graph_uses_plugin(folder / specs[n]["file"]) for n in names}
+    uses_plugin = {}
+    for n in names:
+        op_types = specs[n].get("op_types")
+        if isinstance(op_types, list):
+            uses_plugin[n] = _plugin.OP_TYPE in op_types
+        else:
+            uses_plugin[n] = graph_uses_plugin(folder / specs[n]["file"])
     plugin_path = find_plugin_library(plugin_library) if any(uses_plugin.values()) else None
 
     trt = import_tensorrt()
