@@ -15,7 +15,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from adsc_ext.accounting import (
     PRESETS,
     ModelSpecError,
+    VisionSpec,
+    decode_weight_bytes,
     layer_flops,
+    lm_head_flops,
+    vision_flops,
     layer_kv_bytes,
     load_model_spec,
     plan_report,
@@ -137,8 +141,10 @@ LLAVA_HF_7B = {
     "model_type": "llava",
     "text_config": {"_name_or_path": "lmsys/vicuna-7b-v1.5", "model_type": "llama",
                     "vocab_size": 32064},
-    "vision_config": {"hidden_size": 1024, "image_size": 336, "model_type": "clip_vision_model",
-                      "patch_size": 14},
+    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                      "model_type": "clip_vision_model", "num_attention_heads": 16,
+                      "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768,
+                      "vocab_size": 32000},
     "vision_feature_layer": -2,
     "vision_feature_select_strategy": "default",
 }
@@ -306,3 +312,92 @@ def test_adsc_forward_counts_plan_report_flops(tiny_llama):
     assert [row["tokens"] for row in alive] == [41, 41, 25, 25, 13, 13]
     assert counter.get_total_flops() == report["adsc_flops"]
     assert report["adsc_flops"] < report["baseline_flops"] == 6 * layer_flops(spec, 41)
+
+
+# ---- spec section 8's ratios: the whole prefill and one decode step ---------------------------
+def test_whole_prefill_and_decode_step_ratios_llava7b():
+    r = plan_report(LLAVA7B, LLAVA15_DEFAULT, 64)
+    pre, dec = r["prefill"], r["decode"]
+    # CLIP ViT-L/14-336: patch conv + 24 layers on 577 tokens; projector 1024 -> 4096 -> 4096 on 576
+    per_layer = 2 * 577 * (4 * 1024 ** 2 + 2 * 1024 * 4096) + 4 * 577 * 577 * 1024
+    want_vision = 2 * 576 * 3 * 14 * 14 * 1024 + 24 * per_layer + 2 * 576 * (1024 * 4096 + 4096 * 4096)
+    assert pre["vision_flops"] == pre["vision_flops_per_image"] == want_vision
+    assert f"{8 * want_vision / 1e12:.2f}" == "3.25"  # issue 13: 3.25 TFLOPs at batch 8
+    assert pre["lm_head_flops"] == 2 * 4096 * 32064
+    assert pre["baseline_flops"] == r["baseline_flops"] + want_vision + pre["lm_head_flops"]
+    assert pre["adsc_flops"] == r["adsc_flops"] + want_vision + pre["lm_head_flops"]
+    assert f"{pre['speedup']:.2f}" == "1.85"  # spec section 8: "about 1.85x"
+    assert pre["speedup"] < r["ideal_speedup"]
+    # decode, batch 32, 256 new tokens: weights once per step, KV at each step's lengths
+    weights = 2 * (32 * (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096) + 4096 + 32064 * 4096)
+    assert dec["weights_bytes"] == weights == decode_weight_bytes(LLAVA7B)
+    per_tok = 2 * 4096 * 2  # K and V of one token in one layer
+    stage_tokens = [640] * 8 + [352] * 8 + [208] * 8 + [136] * 8
+    steps = range(1, 256)
+    base = sum(32 * per_tok * sum(640 + s for _ in range(32)) for s in steps) / len(steps)
+    adsc = sum(32 * per_tok * sum(n + s for n in stage_tokens) for s in steps) / len(steps)
+    assert (dec["batch"], dec["new_tokens"], dec["steps"]) == (32, 256, 255)
+    assert dec["baseline_kv_bytes"] == pytest.approx(base, rel=1e-12)
+    assert dec["adsc_kv_bytes"] == pytest.approx(adsc, rel=1e-12)
+    assert dec["speedup"] == pytest.approx((weights + base) / (weights + adsc), rel=1e-12)
+    assert f"{dec['speedup']:.2f}" == "1.24"  # spec section 8: "about 1.24x"
+    # batch 64: the KV share, and so the gain, is larger
+    assert plan_report(LLAVA7B, LLAVA15_DEFAULT, 64, decode_batch=64)["decode"]["speedup"] > dec["speedup"]
+    # the cache after the run (prompt + new tokens): smaller than the prompt-only reduction
+    assert dec["adsc_kv_bytes_end"] == 32 * per_tok * (sum(stage_tokens) + 32 * 256)
+    assert 0 < dec["kv_end_reduction_pct"] < r["kv_reduction_pct"]
+    json.dumps(r)
+
+
+def test_empty_schedule_ratios_are_one():
+    r = plan_report(LLAVA7B, "", 64)
+    assert r["prefill"]["speedup"] == 1.0 and r["decode"]["speedup"] == 1.0
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(decode_batch=0), "decode_batch"), (dict(new_tokens=1), "new_tokens")])
+def test_decode_arguments_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plan_report(LLAVA7B, LLAVA15_DEFAULT, 64, **kwargs)
+
+
+def test_official_config_vision_and_vocab():
+    spec = spec_from_config(LLAVA_HF_7B, "llava-hf")
+    assert spec.vision == VisionSpec() and spec.vocab_size == 32064
+    with pytest.raises(ModelSpecError, match="vision hidden_size"):
+        dataclasses.replace(LLAVA7B, vision=VisionSpec(hidden_size=1000, num_heads=16))
+
+
+@pytest.fixture(scope="module")
+def tiny_llava_and_spec():
+    """A tiny random LLaVA (CLIP tower, LLaMA decoder) and its ModelSpec read from its config."""
+    pytest.importorskip("transformers")
+    from adsc_ext.hf.tiny import tiny_llava
+
+    model = tiny_llava(seed=0, grid_side=4, patch_size=4, vision_layers=3, attn_implementation="sdpa")
+    spec = spec_from_config(model.config.to_dict(), "tiny-llava")
+    return model, spec
+
+
+def test_vision_tower_and_projector_count_vision_flops(tiny_llava_and_spec):
+    """The vision formula against FlopCounterMode on LLaVA's own get_image_features (tower +
+    projector, all encoder layers run), for two images."""
+    model, spec = tiny_llava_and_spec
+    side = spec.vision.image_size
+    assert (spec.vision.num_layers, spec.vision.patches) == (3, 16)
+    with _flop_counter() as counter:
+        model.model.get_image_features(pixel_values=torch.randn(2, 3, side, side),
+                                       vision_feature_layer=model.config.vision_feature_layer,
+                                       vision_feature_select_strategy="default")
+    assert counter.get_total_flops() == 2 * vision_flops(spec)
+
+
+def test_lm_head_and_decode_weights_are_the_model_s(tiny_llava_and_spec):
+    """LM head FLOPs against FlopCounterMode; decode-step weight bytes against the parameters of
+    the decoder layers, the final norm and the LM head of the real model."""
+    model, spec = tiny_llava_and_spec
+    with _flop_counter() as counter:
+        model.lm_head(torch.randn(3, spec.hidden_size))
+    assert counter.get_total_flops() == lm_head_flops(spec, 3)
+    text = model.model.language_model
+    params = sum(p.numel() for p in text.layers.parameters()) + text.norm.weight.numel() + model.lm_head.weight.numel()
+    assert decode_weight_bytes(spec, dtype_bytes=4) == 4 * params
