@@ -43,17 +43,26 @@ build_test() {
   step install python3 -m pip install --no-build-isolation --no-deps -e .
   step core-build bash -c 'cmake -S . -B build/core-gpu -DADSC_WITH_TORCH=OFF -DADSC_WITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 && cmake --build build/core-gpu -j "$MAX_JOBS"'
   step core-ctest ctest --test-dir build/core-gpu --output-on-failure
-  local bin=build/core-gpu/tests/cpp/adsc_core_tests
   local sanitizer
   sanitizer=$(command -v compute-sanitizer)
   for d in "$(dirname "$(command -v nvcc)")" /usr/local/cuda/bin /usr/local/cuda/compute-sanitizer; do
     [ -n "$sanitizer" ] || { [ -x "$d/compute-sanitizer" ] && sanitizer=$d/compute-sanitizer; }
   done
   sanitizer=${sanitizer:-compute-sanitizer}
+  # The cases come from ctest itself (label "cuda", tests/cpp/CMakeLists.txt): name and command of
+  # every test that runs kernels, so a new CUDA case is sanitized without editing this script.
+  local cases
+  cases=$(ctest --test-dir build/core-gpu -L cuda --show-only=json-v1 | python3 -c '
+import json, shlex, sys
+for t in json.load(sys.stdin)["tests"]:
+    print(t["name"], shlex.join(t["command"]))')
+  [ -n "$cases" ] || { echo "=== no ctest case is labelled cuda" | tee -a "$LOG"; failed=$((failed + 1)); }
   for tool in memcheck racecheck synccheck initcheck; do
-    for case in cuda_plan_matches_cpu cuda_gather_matches_cpu; do
-      step "sanitizer-$tool-$case" "$sanitizer" --tool "$tool" --error-exitcode 1 "$bin" "$case"
-    done
+    while read -r name command; do
+      [ -n "$name" ] || continue
+      # shellcheck disable=SC2086  # the command is a shell-quoted word list
+      eval "step sanitizer-$tool-$name \"\$sanitizer\" --tool $tool --error-exitcode 1 $command"
+    done <<<"$cases"
   done
   step pytest-cuda python3 -m pytest -q -m cuda -rs
   step pytest-all python3 -m pytest -q -rs

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "adsc/compact.h"
+#include "adsc/paged_kv.h"
 #include "adsc/plan.h"
 #include "adsc/schedule.h"
 
@@ -611,6 +612,86 @@ void scatter_add() {
   CHECK_FAILS(adsc::scatter_add_rows_cpu(p), adsc::Status::kIndexOutOfRange, "index[1] = 3");
 }
 
+// ---- Paged KV writes --------------------------------------------------------------------------
+
+// A paged-KV case: caches [num_blocks, block_size, heads, dim] of `elem` bytes per value, keys and
+// values [T, heads, dim] at a token stride of `pad` extra bytes, and a slot mapping that gives
+// every token a distinct slot (as block tables do) or -1.
+struct PagedCase {
+  int64_t num_blocks, block_size, row_bytes, key_stride, value_stride, T;
+  std::vector<uint8_t> key, value, key_cache, value_cache;
+  std::vector<int64_t> slots;
+};
+
+PagedCase random_paged_case(Rng& rng, int64_t num_blocks, int64_t block_size, int64_t heads,
+                            int64_t dim, int64_t elem, int64_t pad) {
+  PagedCase c;
+  c.num_blocks = num_blocks; c.block_size = block_size;
+  c.row_bytes = heads * dim * elem;
+  c.key_stride = c.row_bytes + pad;
+  c.value_stride = c.row_bytes + 2 * pad;
+  const int64_t slots = num_blocks * block_size;
+  std::vector<int64_t> free_slots;
+  for (int64_t s = 0; s < slots; ++s) free_slots.push_back(s);
+  for (int64_t i = slots - 1; i > 0; --i) std::swap(free_slots[i], free_slots[rng.uniform(0, static_cast<int>(i))]);
+  c.T = std::min<int64_t>(slots, 3 + rng.uniform(0, static_cast<int>(slots)));
+  for (int64_t t = 0; t < c.T; ++t) c.slots.push_back(rng.uniform(0, 4) == 0 ? -1 : free_slots[t]);
+  c.key.resize(c.T * c.key_stride);
+  c.value.resize(c.T * c.value_stride);
+  c.key_cache.resize(slots * c.row_bytes);
+  c.value_cache.resize(slots * c.row_bytes);
+  for (auto* v : {&c.key, &c.value, &c.key_cache, &c.value_cache})
+    for (auto& b : *v) b = static_cast<uint8_t>(rng.next());
+  return c;
+}
+
+adsc::PagedKVParams paged_params(PagedCase& c, const void* key, const void* value, void* kc, void* vc,
+                                 const int64_t* slots) {
+  adsc::PagedKVParams p;
+  p.key = key; p.value = value; p.key_stride = c.key_stride; p.value_stride = c.value_stride;
+  p.key_cache = kc; p.value_cache = vc; p.cache_stride = c.row_bytes;
+  p.num_tokens = c.T; p.num_slots = c.num_blocks * c.block_size; p.row_bytes = c.row_bytes;
+  p.slot_mapping = slots;
+  return p;
+}
+
+// The oracle, written from the layout: slot s = block * block_size + offset is cache[block][offset].
+void naive_paged_write(const PagedCase& c, std::vector<uint8_t>* kc, std::vector<uint8_t>* vc) {
+  for (int64_t t = 0; t < c.T; ++t) {
+    if (c.slots[t] < 0) continue;
+    const int64_t block = c.slots[t] / c.block_size, offset = c.slots[t] % c.block_size;
+    const int64_t at = (block * c.block_size + offset) * c.row_bytes;
+    for (int64_t k = 0; k < c.row_bytes; ++k) {
+      (*kc)[at + k] = c.key[t * c.key_stride + k];
+      (*vc)[at + k] = c.value[t * c.value_stride + k];
+    }
+  }
+}
+
+void paged_kv() {
+  Rng rng(8);
+  for (int trial = 0; trial < 30; ++trial) {
+    const int64_t block_size = std::vector<int64_t>{1, 2, 16}[trial % 3];
+    const int64_t heads = 1 + trial % 3, dim = std::vector<int64_t>{1, 3, 8, 64}[trial % 4];
+    const int64_t elem = std::vector<int64_t>{1, 2, 4}[trial % 3], pad = trial % 2 ? 6 : 0;
+    PagedCase c = random_paged_case(rng, 1 + trial % 5, block_size, heads, dim, elem, pad);
+    std::vector<uint8_t> want_k = c.key_cache, want_v = c.value_cache;
+    naive_paged_write(c, &want_k, &want_v);
+    CHECK_OK(adsc::write_paged_kv_cpu(
+        paged_params(c, c.key.data(), c.value.data(), c.key_cache.data(), c.value_cache.data(), c.slots.data())));
+    CHECK(c.key_cache == want_k);
+    CHECK(c.value_cache == want_v);
+  }
+  // A slot out of range: reported, nothing written.
+  PagedCase c = random_paged_case(rng, 2, 4, 2, 8, 2, 0);
+  const std::vector<uint8_t> before = c.key_cache;
+  c.slots.back() = c.num_blocks * c.block_size;
+  CHECK_FAILS(adsc::write_paged_kv_cpu(paged_params(c, c.key.data(), c.value.data(), c.key_cache.data(),
+                                                    c.value_cache.data(), c.slots.data())),
+              adsc::Status::kIndexOutOfRange, "is out of range");
+  CHECK(c.key_cache == before);
+}
+
 // ---- CUDA -------------------------------------------------------------------------------------
 
 #if defined(ADSC_WITH_CUDA)
@@ -757,6 +838,103 @@ int cuda_gather_matches_cpu() {
 #endif
 }
 
+int cuda_paged_kv_matches_cpu() {
+#if defined(ADSC_WITH_CUDA)
+  if (!have_gpu()) return 77;
+  Rng rng(9);
+  // Row sizes that take every vector width (1, 2, 4, 8, 16 bytes), padded strides included.
+  for (int trial = 0; trial < 24; ++trial) {
+    const int64_t dim = std::vector<int64_t>{1, 3, 4, 8, 64, 128}[trial % 6];
+    const int64_t elem = std::vector<int64_t>{1, 2, 4}[trial % 3], pad = std::vector<int64_t>{0, 2, 16}[trial % 3];
+    PagedCase c = random_paged_case(rng, 3, std::vector<int64_t>{1, 16, 256}[trial % 3], 2, dim, elem, pad);
+    std::vector<uint8_t> want_k = c.key_cache, want_v = c.value_cache;
+    CHECK_OK(adsc::write_paged_kv_cpu(
+        paged_params(c, c.key.data(), c.value.data(), want_k.data(), want_v.data(), c.slots.data())));
+    uint8_t* d_key = to_device(c.key);
+    uint8_t* d_value = to_device(c.value);
+    uint8_t* d_kc = to_device(c.key_cache);
+    uint8_t* d_vc = to_device(c.value_cache);
+    int64_t* d_slots = to_device(c.slots);
+    int32_t* d_flag = to_device(std::vector<int32_t>{0});
+    CHECK_OK(adsc::write_paged_kv_cuda(paged_params(c, d_key, d_value, d_kc, d_vc, d_slots), d_flag, nullptr));
+    CHECK(cudaDeviceSynchronize() == cudaSuccess);
+    CHECK(to_host(d_kc, want_k.size()) == want_k);
+    CHECK(to_host(d_vc, want_v.size()) == want_v);
+    CHECK(to_host(d_flag, 1)[0] == 0);
+    // A slot out of range: that token is skipped and the flag raised.
+    std::vector<int64_t> bad = c.slots;
+    bad[0] = c.num_blocks * c.block_size + 5;
+    cudaMemcpy(d_slots, bad.data(), bad.size() * 8, cudaMemcpyHostToDevice);
+    cudaMemcpy(d_kc, c.key_cache.data(), c.key_cache.size(), cudaMemcpyHostToDevice);
+    CHECK_OK(adsc::write_paged_kv_cuda(paged_params(c, d_key, d_value, d_kc, d_vc, d_slots), d_flag, nullptr));
+    CHECK(to_host(d_flag, 1)[0] == 1);
+    std::vector<uint8_t> want_bad = c.key_cache, unused = c.value_cache;
+    bad[0] = -1;
+    PagedCase skip = c;
+    skip.slots = bad;
+    naive_paged_write(skip, &want_bad, &unused);
+    CHECK(to_host(d_kc, want_bad.size()) == want_bad);
+    for (void* ptr : {static_cast<void*>(d_key), static_cast<void*>(d_value), static_cast<void*>(d_kc),
+                      static_cast<void*>(d_vc), static_cast<void*>(d_slots), static_cast<void*>(d_flag)})
+      cudaFree(ptr);
+  }
+  return 0;
+#else
+  return 77;
+#endif
+}
+
+int cuda_scatter_add_matches_cpu() {
+#if defined(ADSC_WITH_CUDA)
+  if (!have_gpu()) return 77;
+  Rng rng(10);
+  // Small integer values: every sum is exact in every dtype, so the GPU's atomic order cannot
+  // change the result and the comparison is bit for bit.
+  const float kHalfOf[] = {-4, -3, -2, -1, 0, 1, 2, 3, 4};
+  const uint16_t kHalfBits[] = {0xc400, 0xc200, 0xc000, 0xbc00, 0x0000, 0x3c00, 0x4000, 0x4200, 0x4400};
+  const uint16_t kBf16Bits[] = {0xc080, 0xc040, 0xc000, 0xbf80, 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080};
+  for (adsc::DType dt : {adsc::DType::kFloat32, adsc::DType::kFloat64, adsc::DType::kFloat16, adsc::DType::kBFloat16}) {
+    for (int64_t row_elems : {1, 7, 64}) {
+      const int64_t src_rows = 41, dst_rows = 13, esize = dt == adsc::DType::kFloat64 ? 8 : dt == adsc::DType::kFloat32 ? 4 : 2;
+      std::vector<uint8_t> src(src_rows * row_elems * esize), dst(dst_rows * row_elems * esize, 0);
+      for (int64_t e = 0; e < src_rows * row_elems; ++e) {
+        const int v = rng.uniform(0, 8);
+        if (dt == adsc::DType::kFloat32) { const float f = kHalfOf[v]; std::memcpy(&src[e * 4], &f, 4); }
+        else if (dt == adsc::DType::kFloat64) { const double d = kHalfOf[v]; std::memcpy(&src[e * 8], &d, 8); }
+        else std::memcpy(&src[e * 2], dt == adsc::DType::kFloat16 ? &kHalfBits[v] : &kBf16Bits[v], 2);
+      }
+      std::vector<int64_t> index(src_rows);
+      for (auto& i : index) i = rng.uniform(-1, static_cast<int>(dst_rows) - 1);  // duplicates accumulate
+      adsc::ScatterAddRowsParams p;
+      p.src_rows = src_rows; p.src_row_stride = row_elems; p.dst_rows = dst_rows;
+      p.dst_row_stride = row_elems; p.row_elems = row_elems; p.dtype = dt; p.index_is_int64 = true;
+      std::vector<uint8_t> want = dst;
+      p.src = src.data(); p.dst = want.data(); p.index = index.data();
+      CHECK_OK(adsc::scatter_add_rows_cpu(p));
+      uint8_t* d_src = to_device(src);
+      uint8_t* d_dst = to_device(dst);
+      int64_t* d_index = to_device(index);
+      int32_t* d_flag = to_device(std::vector<int32_t>{0});
+      p.src = d_src; p.dst = d_dst; p.index = d_index;
+      CHECK_OK(adsc::scatter_add_rows_cuda(p, d_flag, nullptr));
+      CHECK(cudaDeviceSynchronize() == cudaSuccess);
+      CHECK(to_host(d_dst, want.size()) == want);
+      CHECK(to_host(d_flag, 1)[0] == 0);
+      index[5] = dst_rows;  // out of range: skipped, flag raised
+      cudaMemcpy(d_index, index.data(), index.size() * 8, cudaMemcpyHostToDevice);
+      CHECK_OK(adsc::scatter_add_rows_cuda(p, d_flag, nullptr));
+      CHECK(to_host(d_flag, 1)[0] == 1);
+      for (void* ptr : {static_cast<void*>(d_src), static_cast<void*>(d_dst), static_cast<void*>(d_index),
+                        static_cast<void*>(d_flag)})
+        cudaFree(ptr);
+    }
+  }
+  return 0;
+#else
+  return 77;
+#endif
+}
+
 // Without a GPU (or without CUDA compiled in), the CUDA entry points fail cleanly.
 int cuda_without_device() {
 #if defined(ADSC_WITH_CUDA)
@@ -791,8 +969,11 @@ int main(int argc, char** argv) {
       {"gather_rows", [] { gather_rows(); return 0; }},
       {"gather_errors", [] { gather_errors(); return 0; }},
       {"scatter_add", [] { scatter_add(); return 0; }},
+      {"paged_kv", [] { paged_kv(); return 0; }},
       {"cuda_plan_matches_cpu", cuda_plan_matches_cpu},
       {"cuda_gather_matches_cpu", cuda_gather_matches_cpu},
+      {"cuda_paged_kv_matches_cpu", cuda_paged_kv_matches_cpu},
+      {"cuda_scatter_add_matches_cpu", cuda_scatter_add_matches_cpu},
       {"cuda_without_device", cuda_without_device},
   };
   if (argc != 2 || !cases.count(argv[1])) {
