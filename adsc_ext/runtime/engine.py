@@ -179,6 +179,11 @@ class Engine:
         return StagedKVPool(layers, num_blocks, block_size=self.block_size, num_kv_heads=self.num_kv_heads,
                             head_dim=self.head_dim, dtype=self.dtype, device=self.device)
 
+    def pool_for(self, requests: Sequence[dict], max_new_tokens: int) -> StagedKVPool:
+        """A fresh KV pool holding exactly ``requests`` at once with ``max_new_tokens`` each (``0``:
+        the prompts alone): what ``generate`` allocates for them."""
+        return self._new_pool(self.pool_blocks_for(requests, max_new_tokens))
+
     def pool_blocks_for(self, requests: Sequence[dict], max_new_tokens: int) -> List[int]:
         """Blocks every stage's pool needs to hold all ``requests`` at once (prompt + new tokens):
         the ``num_blocks`` of a persistent pool sized for them."""
@@ -275,6 +280,8 @@ class Engine:
 
         ``stats`` afterwards: ``prefill_seconds`` (wall time of the prefills, synchronised),
         ``prefill_decoder_seconds`` (the decoder layers alone, CUDA events on a GPU),
+        ``prefill_host_layout_seconds`` (the host work of the prefills: plan, layout, upload),
+        ``prefill_reindex_device_seconds`` (the compactions at the stage boundaries, on the device),
         ``decode_seconds``, ``decode_steps``, ``decode_tokens``, ``decode_path``, ``cuda_graphs``,
         ``pool_bytes``, ``peak_kv_bytes`` ...
         """
@@ -316,7 +323,7 @@ class Engine:
         stats = dict(prefill_seconds=0.0, prefill_decoder_seconds=0.0, decode_seconds=0.0, decode_steps=0,
                      decode_tokens=0, prefills=0, admitted_per_prefill=[], backend=self.backend,
                      cuda_graphs=self.cuda_graphs, pool_bytes=pool.total_bytes())
-        timers: List[_Timer] = []
+        timers: List[Dict[str, Any]] = []
         waiting = deque(live)
         running: List[_Seq] = []
         held: List[int] = []
@@ -353,7 +360,9 @@ class Engine:
         finally:
             for rid in held:
                 pool.free(rid)
-            stats["prefill_decoder_seconds"] = sum(t.seconds() for t in timers)
+            stats["prefill_decoder_seconds"] = sum(t["decoder"].seconds() for t in timers)
+            stats["prefill_host_layout_seconds"] = sum(t["host"] for t in timers)
+            stats["prefill_reindex_device_seconds"] = sum(r.seconds() for t in timers for r in t["reindex"])
             stats["peak_kv_bytes"] = pool.peak_used_bytes
             stats["decode_path"] = self.attention.decode_path
             stats["graphs_captured"] = len(self._graphs)
@@ -450,13 +459,15 @@ class Engine:
             host = host.pin_memory()
         return host.to(self.device, non_blocking=True)
 
-    def _prefill(self, pool: StagedKVPool, seqs: List[_Seq], sample) -> "_Timer":
+    def _prefill(self, pool: StagedKVPool, seqs: List[_Seq], sample) -> Dict[str, Any]:
         from ..ops import compact_tokens
 
         B, S, bs = len(seqs), len(self.stages), self.block_size
+        t_host = time.perf_counter()
         lay = self._prefill_layout(pool, seqs)
         widths, cu_host, max_lens = lay["widths"], lay["cu_host"], lay["max_lens"]
         dev_parts = self._upload(lay["parts"])
+        t_host = time.perf_counter() - t_host
         ids, pos0 = dev_parts[0], dev_parts[1]
         cus = [dev_parts[2 + 2 * k].to(torch.int32) for k in range(S)]
         bts = [dev_parts[3 + 2 * k].view(B, widths[k]) for k in range(S)]
@@ -468,15 +479,18 @@ class Engine:
         cos, sin = rotary(self.model, h[None], pos0[None])
         cos, sin = cos[0], sin[0]
         timer = _Timer(self.device)
+        reindex = [_Timer(self.device) for _ in self.boundaries]
         timer.start()
         stage = 0
         for l in range(self.num_layers):
             if l in self.boundaries:
                 stage = self.boundaries[l]
                 idx = index[stage]
+                reindex[stage - 1].start()
                 h = compact_tokens(h, idx, check_index=False)
                 cos = compact_tokens(cos, idx, check_index=False)
                 sin = compact_tokens(sin, idx, check_index=False)
+                reindex[stage - 1].stop()
 
             def attend(q, k, v, kc, vc, cu=cus[stage], mx=max_lens[stage], cuh=cu_host[stage]):
                 return self.attention.varlen_prefill(q, k, v, cu, mx, self.scaling, cu_host=cuh)
@@ -486,7 +500,7 @@ class Engine:
         last = (cus[stage][1:] - 1).long()  # the last prompt row of every sequence, on the device
         logits = self.model.lm_head(self.text.norm(h[last]))
         self._pick(seqs, logits, sample)
-        return timer
+        return dict(decoder=timer, reindex=reindex, host=t_host)
 
     # ---- decode --------------------------------------------------------------------------------------
     def _decode_layout(self, pool: StagedKVPool, seqs: List[_Seq]) -> _DecodeBatch:
