@@ -1,0 +1,1 @@
+"""Integrations of ADSC into serving engines (:mod:`adsc_ext.integrations.vllm`)."""

@@ -1,0 +1,138 @@
+"""A tiny random LLaVA-1.5 checkpoint that both vLLM and transformers load from one folder.
+
+vLLM's LLaVA path needs what a published llava-hf checkpoint has: a tokenizer (its multimodal
+processor works on text), a saved ``LlavaProcessor`` (CLIP image processor + tokenizer) and
+weights under the names vLLM's loader maps. Everything is built here from configs (nothing is
+downloaded): a word-level tokenizer whose vocabulary is ``w0 .. wN`` plus ``<image>`` at the
+model's image token id, a CLIP image processor at the tower's input size, and
+:func:`adsc_ext.hf.tiny.tiny_llava` weights with head_dim 32 (vLLM's CPU attention needs >= 32).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+GRID_SIDE = 4  # 4x4 vision tokens per image
+PATCH = 4
+NUM_LAYERS = 6
+VOCAB = 300  # ids: 0 <pad>, 1 <s>, 2 </s>, 3.. words, VOCAB-1 <image>
+SCHEDULE = "2:2,4:2"  # 4x4 -> 4x2 -> 2x2 vision tokens per image
+PAD, BOS, EOS = 0, 1, 2
+IMAGE_TOKEN_ID = VOCAB - 1
+NUM_WORDS = VOCAB - 4
+
+
+def word(i: int) -> str:
+    return f"w{i}"
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS}
+    vocab.update({word(i): 3 + i for i in range(NUM_WORDS)})
+    vocab["<unk>"] = VOCAB - 2  # not a word: keeps the word ids 3 .. VOCAB-3
+    vocab["<image>"] = IMAGE_TOKEN_ID
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>", extra_special_tokens={"image_token": "<image>"},
+    )
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return fast
+
+
+def build_checkpoint(path, *, schedule: Optional[str] = None, seed: int = 0) -> Path:
+    """Save the tiny model (with ``config.adsc_schedule`` when ``schedule`` is given), its
+    tokenizer and processor under ``path``; returns the path."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    from adsc_ext.hf.tiny import tiny_llava
+
+    path = Path(path)
+    model = tiny_llava(
+        seed=seed, grid_side=GRID_SIDE, patch_size=PATCH, num_layers=NUM_LAYERS, hidden_size=128,
+        num_heads=4, num_kv_heads=2, vocab_size=VOCAB, vision_hidden=64, vision_layers=2,
+    )
+    if schedule:
+        from adsc_ext import apply_adsc
+
+        apply_adsc(model, schedule)
+    model.config.text_config.eos_token_id = EOS
+    model.save_pretrained(path)
+    _classic_vision_keys(path / "model.safetensors")
+    side = GRID_SIDE * PATCH
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+        do_center_crop=True, do_resize=True, do_normalize=True,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=_tokenizer(), patch_size=PATCH,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_token="<image>",
+    )
+    processor.save_pretrained(path)
+    return path
+
+
+def _classic_vision_keys(file: Path) -> None:
+    """Rename the vision tower's weights to the layout of the published llava-hf checkpoints.
+
+    transformers 5.19 saves them as ``vision_tower.embeddings...`` (no ``vision_model.``); vLLM
+    0.32's CLIP loader expects ``vision_tower.vision_model.embeddings...`` and skips what it does
+    not know. transformers loads both layouts to the same weights (``test_checkpoint_layouts``).
+    """
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(file))
+    prefix, classic = "vision_tower.", "vision_tower.vision_model."
+    renamed = {
+        (classic + k[len(prefix):] if k.startswith(prefix) and not k.startswith(classic) else k): v
+        for k, v in state.items()
+    }
+    save_file(renamed, str(file), metadata={"format": "pt"})
+
+
+def load_processor(path):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path)
+
+
+def prompt(words: List[int], images: int = 0, image_at: Optional[List[int]] = None) -> str:
+    """A prompt of the given word ids with ``images`` ``<image>`` markers, inserted before the
+    word indices ``image_at`` (default: all at the front)."""
+    at = list(image_at) if image_at is not None else [0] * images
+    parts = []
+    for i, w in enumerate(words):
+        parts += ["<image>"] * at.count(i)
+        parts.append(word(w))
+    parts += ["<image>"] * at.count(len(words))
+    return " ".join(parts)
+
+
+def random_image(seed: int, size=(24, 20)):
+    """A small random RGB PIL image (resized and cropped by the processor)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+
+
+def hf_greedy(model, processor, text: str, images, max_new_tokens: int) -> List[int]:
+    """transformers' greedy ``generate`` on one request; returns the new token ids."""
+    enc = processor(text=text, images=images or None, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, min_new_tokens=max_new_tokens
+        )
+    return out[0, enc["input_ids"].shape[1]:].tolist()
