@@ -421,17 +421,22 @@ def import_tensorrt():
     return tensorrt
 
 
-def _load_plugin(trt, path: Path):
-    handle = trt.get_plugin_registry().load_library(str(path))
-    if handle is None:
+def _load_plugin(trt, path: Path) -> None:
+    """Register the plugin library's creators with TensorRT's (process-wide) plugin registry,
+    once: a second build or a runner in the same process finds them there."""
+    registry = trt.get_plugin_registry()
+
+    def creator():
+        return registry.get_creator(_plugin.PLUGIN_NAME, _plugin.PLUGIN_VERSION, _plugin.PLUGIN_NAMESPACE)
+
+    if creator() is not None:
+        return
+    if registry.load_library(str(path)) is None:
         raise TensorRTBuildError(f"TensorRT could not load the plugin library {path}")
-    creator = trt.get_plugin_registry().get_creator(
-        _plugin.PLUGIN_NAME, _plugin.PLUGIN_VERSION, _plugin.PLUGIN_NAMESPACE)
-    if creator is None:
+    if creator() is None:
         raise TensorRTBuildError(
             f"{path} loaded but registered no {_plugin.PLUGIN_NAMESPACE}::{_plugin.PLUGIN_NAME} "
             f"version {_plugin.PLUGIN_VERSION}")
-    return handle
 
 
 def _build_engine(trt, logger, onnx_path: Path, inputs, shapes, workspace_bytes: Optional[int]):
