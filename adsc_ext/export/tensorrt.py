@@ -439,7 +439,8 @@ def _load_plugin(trt, path: Path) -> None:
             f"version {_plugin.PLUGIN_VERSION}")
 
 
-def _build_engine(trt, logger, onnx_path: Path, inputs, shapes, workspace_bytes: Optional[int]):
+def _build_engine(trt, logger, onnx_path: Path, inputs, shapes, workspace_bytes: Optional[int],
+                  allow_tf32: bool = False):
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
@@ -449,6 +450,8 @@ def _build_engine(trt, logger, onnx_path: Path, inputs, shapes, workspace_bytes:
     config = builder.create_builder_config()
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    if not allow_tf32:  # on by default in TensorRT; a float32 export means float32 math
+        config.clear_flag(trt.BuilderFlag.TF32)
     declared = {t["name"]: t for t in inputs}
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
@@ -480,11 +483,15 @@ def build_engines(
     graphs: Optional[Sequence[str]] = None,
     plugin_library=None,
     workspace_bytes: Optional[int] = None,
+    allow_tf32: bool = False,
     force: bool = False,
     log: Callable[[str], None] = print,
 ) -> Dict[str, Any]:
     """Build a TensorRT engine for every graph of an ``adsc export`` folder (or the ``graphs``
     named), write them beside the ONNX files and ``trt_build_report.json``; returns the report.
+
+    ``allow_tf32``: let TensorRT run float32 matrix products in TF32 (its default; off here, so a
+    float32 export computes in float32 as exported).
 
     Raises :class:`TensorRTBuildError` for a bad folder, manifest or limit (checked before TensorRT
     is imported) and :class:`TensorRTUnavailable` without ``tensorrt``.
@@ -524,6 +531,7 @@ def build_engines(
         "dim_ranges": {k: list(v) for k, v in ranges.items()},
         "plugin_library": str(plugin_path) if plugin_path else None,
         "strongly_typed": True,
+        "tf32": bool(allow_tf32),
         "engines": {},
     }
     for n in names:
@@ -531,7 +539,8 @@ def build_engines(
         engine_path = folder / (onnx_path.stem + ENGINE_SUFFIX)
         log(f"trt-build: {onnx_path.name} -> {engine_path.name} ...")
         start = time.perf_counter()
-        blob = _build_engine(trt, logger, onnx_path, specs[n]["inputs"], shapes[n], workspace_bytes)
+        blob = _build_engine(trt, logger, onnx_path, specs[n]["inputs"], shapes[n], workspace_bytes,
+                             allow_tf32)
         tmp = engine_path.with_suffix(".engine.tmp")
         with open(tmp, "wb") as f:
             f.write(memoryview(blob))

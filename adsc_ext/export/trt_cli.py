@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "nodes); default: $ADSC_TENSORRT_PLUGIN, adsc_ext/lib, build/*/csrc/tensorrt")
     parser.add_argument("--workspace-gib", type=float, default=None,
                         help="builder workspace limit in GiB; default: TensorRT's")
+    parser.add_argument("--tf32", action="store_true",
+                        help="let TensorRT use TF32 for float32 matrix products (off: float32 math)")
     parser.add_argument("--force", action="store_true", help="replace engines that exist")
 
 
@@ -59,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     workspace = int(args.workspace_gib * 2**30) if args.workspace_gib else None
     try:
         report = build_engines(args.folder, limits, graphs=graphs, plugin_library=args.plugin,
-                               workspace_bytes=workspace, force=args.force)
+                               workspace_bytes=workspace, allow_tf32=args.tf32,
+                               force=args.force)
     except (TensorRTBuildError, TensorRTUnavailable) as exc:
         print(f"adsc: error: adsc trt-build: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return _USAGE_ERROR
