@@ -30,6 +30,8 @@ _DELEGATED = {
     "generate": ("adsc_ext.hf.generate_cli", "Generate text with an ADSC model."),
     "bench": ("adsc_ext.runtime.bench_cli",
               "Benchmark the ADSC engine against the unmodified model (JSON + plot)."),
+    "export": ("adsc_ext.export.export_cli",
+               "Export LLaVA with the ADSC schedule baked in to ONNX; --check runs it on ONNX Runtime."),
     "trt-build": ("adsc_ext.export.trt_cli",
                   "Build TensorRT engines from an `adsc export` folder (needs tensorrt and a GPU)."),
 }
