@@ -129,6 +129,7 @@ from adsc_ext.hf import (  # noqa: E402
     is_adsc_model,
     remove_adsc,
 )
+from adsc_ext.hf import _compat  # noqa: E402
 from adsc_ext.schedule import ScheduleError  # noqa: E402
 from adsc_ext.reference import stage_plan_reference  # noqa: E402
 
@@ -280,7 +281,7 @@ def test_num_return_sequences_and_user_cache():
     inp = batch(model, ROWS_MIXED)
     dyn = _gen(model, inp, 4)
     cache = AdscCache(config=model.config.get_text_config())
-    mine = _gen(model, inp, 4, past_key_values=cache)
+    mine = _gen(model, inp, 4, **{_compat.cache_kwarg(model): cache})
     torch.testing.assert_close(mine, dyn)
     plan = stage_plan_reference("2:2,4:2", input_ids=inp["input_ids"], attention_mask=inp["attention_mask"],
                                 image_token_id=model.config.image_token_id, grid=(4, 4))
@@ -295,7 +296,7 @@ def test_static_cache_is_refused_clearly():
     model = _adsc(4, "sdpa", "2:2,4:2")
     inp = batch(model, ROWS_MIXED)
     with pytest.raises(AdscInputError, match="needs an AdscCache .* got StaticCache"):
-        model(**inp, past_key_values=StaticCache(config=model.config.get_text_config(), max_cache_len=64))
+        model(**inp, **{_compat.cache_kwarg(model): StaticCache(config=model.config.get_text_config(), max_cache_len=64)})
 
 
 # ---- chunked prefill, packed inputs -------------------------------------------------------------------
@@ -367,7 +368,8 @@ def test_loss_equals_reference_and_grads_reach_everything(padding_side):
         assert any(g.abs().sum() > 0 for g in grads), name
 
 
-def test_gradient_checkpointing_same_loss_and_grads():
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_same_loss_and_grads(reentrant):
     model = _adsc(4, "eager", "2:2,4:2").train()
     inp = batch(model, ROWS_MIXED)
     labels = _labels(inp, model.config.image_token_id)
@@ -375,7 +377,12 @@ def test_gradient_checkpointing_same_loss_and_grads():
     ref.loss.backward()
     g_ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # activation_checkpointing_enable from transformers 5.23 (gradient_checkpointing_enable is deprecated there)
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    assert model.model.language_model.layers[0].gradient_checkpointing
     out = model(**inp, labels=labels)
     out.loss.backward()
     torch.testing.assert_close(out.loss, ref.loss)

@@ -9,6 +9,8 @@ and decode times, and the per-layer KV-cache sizes against the unmodified model.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
 import time
 from typing import List, Optional
@@ -29,18 +31,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", default=None,
                         help="ADSC schedule 'layer:factor,...' ('' = unmodified); default: the checkpoint's "
                              f"config.adsc_schedule, else 8:2,16:2,24:2 ({RANDOM_SCHEDULE} with --random)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=32,
+                        help="tokens to generate (greedy); default: %(default)s")
     parser.add_argument("--attn", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"],
                         help="attention implementation")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights / synthetic image")
 
 
 def _fail(msg: str) -> int:
     print(f"adsc generate: error: {msg}", file=sys.stderr)
     return 2
+
+
+def _resolve_device(torch, name: Optional[str]):
+    """The torch.device for --device, or a one-line reason why it cannot run here."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu"), None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return None, f"--device {name!r}: expected cpu, cuda or cuda:N"
+    if device.type not in ("cpu", "cuda"):
+        return None, f"--device {name!r}: expected cpu, cuda or cuda:N"
+    if device.type == "cuda":
+        if torch.version.cuda is None:
+            return None, (f"--device {name}: this PyTorch ({torch.__version__}) is a CPU-only build; "
+                          "install a CUDA build of torch or use --device cpu")
+        if not torch.cuda.is_available():
+            return None, f"--device {name}: no CUDA GPU is visible to this PyTorch; use --device cpu"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return None, (f"--device {name}: there are {torch.cuda.device_count()} CUDA devices "
+                          f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return device, None
+
+
+def _check_paths(args) -> Optional[str]:
+    """A one-line problem with --model / --image paths, before anything is loaded."""
+    if args.model is not None:
+        if not os.path.exists(args.model):
+            return (f"--model {args.model}: no such directory (a local LLaVA-1.5 checkpoint "
+                    "directory with config.json is expected)")
+        if not os.path.isdir(args.model):
+            return f"--model {args.model}: not a directory (a checkpoint directory with config.json is expected)"
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            return f"--model {args.model}: no config.json in this directory: not a transformers checkpoint"
+    for path in args.image:
+        if os.path.isdir(path):
+            return f"--image {path}: is a directory, not an image file"
+        if not os.path.exists(path):
+            return f"--image {path}: no such file"
+    return None
 
 
 def _sync(device) -> None:
@@ -66,29 +110,42 @@ def run(args) -> int:
         import transformers  # noqa: F401
     except ImportError:
         return _fail("the 'transformers' package is not installed (pip install transformers)")
+    from ..models.llava import AdscInputError, AdscModelError, llava_spec
     from ..schedule import LLAVA15_DEFAULT, Schedule, ScheduleError
-    from .llava import AdscInputError, AdscModelError, apply_adsc
+    from . import apply_adsc
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device, problem = _resolve_device(torch, args.device)
+    if problem:
+        return _fail(problem)
     if args.dtype == "auto":
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
         dtype = getattr(torch, args.dtype)
     if args.max_new_tokens < 1:
         return _fail(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.attn == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            return _fail("--attn flash_attention_2 needs the flash-attn package, which is not "
+                         "installed (pip install flash-attn); use --attn sdpa or eager")
+        if device.type != "cuda":
+            return _fail("--attn flash_attention_2 runs on CUDA only; use --attn sdpa or eager on the CPU")
+    if args.schedule is not None:
+        try:
+            Schedule.parse(args.schedule)
+        except ScheduleError as exc:
+            return _fail(f"--schedule: {exc}")
+    problem = _check_paths(args)
+    if problem:
+        return _fail(problem)
 
     try:
         images = []
         if args.image:
-            import os
-
-            for path in args.image:
-                if not os.path.isfile(path):
-                    return _fail(f"--image {path}: no such file")
             try:
                 from PIL import Image
             except ImportError:
-                return _fail("reading --image files needs Pillow (pip install pillow)")
+                return _fail(f"--image {args.image[0]}: reading image files needs Pillow "
+                             "(pip install 'adsc_ext[hf]', or pillow)")
             for path in args.image:
                 images.append(Image.open(path).convert("RGB"))
 
@@ -119,6 +176,18 @@ def run(args) -> int:
             eos = None
             default_schedule = RANDOM_SCHEDULE
         schedule = Schedule.coerce(args.schedule if args.schedule is not None else default_schedule)
+        spec = llava_spec(model)
+        try:  # checked here so the message names the model once
+            schedule.validate(spec.num_layers, spec.grid)
+        except ScheduleError as exc:
+            return _fail(str(exc))  # "schedule '9:2' does not fit a model with 8 decoder layers: ..."
+        prompt_tokens = int(inputs["input_ids"].shape[-1])
+        if prompt_tokens + args.max_new_tokens > spec.max_positions:
+            return _fail(
+                f"the prompt has {prompt_tokens} tokens (images included) and --max-new-tokens is "
+                f"{args.max_new_tokens}, but the model has {spec.max_positions} positions: shorten "
+                f"the prompt, use fewer images or lower --max-new-tokens"
+            )
         apply_adsc(model, schedule)
     except (OSError, ScheduleError, AdscModelError, ValueError) as exc:
         return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -39,12 +39,13 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from ..models.llava import AdscInputError, AdscModelError, image_runs, llava_spec, resolve_schedule, unwrap
+from ..models.llava import AdscInputError, AdscModelError, llava_spec, resolve_schedule, unwrap
 from ..schedule import Schedule
 from . import _compat
 from .cache import AdscCache, AdscCacheState
+from .segments import (Segment, adsc_loss, causal_allowed, check_images, find_packed_cu, packed_allowed, packed_segment,
+                       plan_segment, text_segment)
 
 try:
     from transformers import DynamicCache
@@ -62,9 +63,6 @@ __all__ = [
     "is_adsc_model",
     "remove_adsc",
 ]
-
-IGNORE_INDEX = -100
-
 
 @dataclass(frozen=True)
 class AdscSetup:
@@ -184,153 +182,6 @@ def adsc_setup(model) -> AdscSetup:
 
 
 # =============================================================================================
-# Segments: the per-stage layout of the tokens of one forward call
-# =============================================================================================
-
-
-@dataclass
-class _Stage:
-    index: Optional[torch.Tensor]  # int32 gather index from the previous stage; None = same layout
-    position_ids: torch.Tensor  # int64 [B, q_s] ([1, T_s] packed)
-    valid: torch.Tensor  # bool, same shape
-    source_index: Optional[torch.Tensor]  # int32 flat input rows, -1 padding; None = identity
-    cu_seqlens: Optional[torch.Tensor]  # int32 [n+1] (packed layout)
-    max_seqlen: int
-    has_padding: bool
-
-
-@dataclass
-class _Segment:
-    layout: str  # "padded" | "packed"
-    stages: List[_Stage]
-    real_per_row: torch.Tensor  # int64 [B]: real tokens of the segment per row
-
-
-def _check_images(setup: AdscSetup, ids: torch.Tensor, valid: torch.Tensor, continuation: bool, packed_cu=None):
-    """Readable errors for image tokens that do not form whole images (spec section 3)."""
-    hw, (h, w) = setup.tokens_per_image, setup.grid
-    tok = setup.image_token_id
-    if packed_cu is not None:
-        flat = ids.reshape(-1).tolist()
-        cu = packed_cu.tolist()
-        rows = [flat[cu[i]:cu[i + 1]] for i in range(len(cu) - 1)]
-    else:
-        rows = [[t for t, v in zip(r, m) if v] for r, m in zip(ids.tolist(), valid.tolist())]
-    for b, row in enumerate(rows):
-        for p, q in image_runs(row, tok):
-            n = q - p
-            if n % hw == 0:
-                continue
-            if q == len(row) and packed_cu is None:
-                raise AdscInputError(
-                    f"sequence {b}: the prompt (chunk) ends inside an image: its last {n} tokens are "
-                    f"image tokens, not a multiple of {hw} ({h}x{w} tokens per image). An image must "
-                    f"not be split across prefill chunks; end each chunk between whole images."
-                )
-            if p == 0 and continuation:
-                raise AdscInputError(
-                    f"sequence {b}: this prefill chunk starts inside an image: its first {n} tokens "
-                    f"are image tokens, not a multiple of {hw} ({h}x{w} tokens per image). An image "
-                    f"must not be split across prefill chunks."
-                )
-            raise AdscInputError(
-                f"sequence {b}: image tokens must form whole images of {h}x{w} = {hw} tokens; got a "
-                f"run of {n} image tokens (id {tok}) at position {p}"
-            )
-
-
-def _padding_side(mask: Optional[torch.Tensor]) -> str:
-    if mask is None:
-        return "left"
-    return "right" if bool((mask[:, -1] == 0).any()) else "left"
-
-
-def _plan_segment(setup, ids, seg_mask, next_pos) -> _Segment:
-    from ..ops import stage_plan
-
-    B, q = ids.shape
-    valid0 = seg_mask.bool() if seg_mask is not None else torch.ones(B, q, dtype=torch.bool, device=ids.device)
-    plan = stage_plan(setup.schedule, input_ids=ids, attention_mask=valid0, image_token_id=setup.image_token_id,
-                      grid=setup.grid, padding_side=_padding_side(seg_mask))
-    stages = []
-    for s, st in enumerate(plan.stages):
-        valid = st.attention_mask
-        pos = st.position_ids
-        if next_pos is not None:
-            pos = torch.where(valid, pos + next_pos[:, None], pos)
-        stages.append(_Stage(st.index if s > 0 else None, pos, valid, st.source_index, st.cu_seqlens,
-                             int(st.max_seqlen), int(st.num_tokens) != valid.numel()))
-    return _Segment("padded", stages, valid0.sum(dim=1))
-
-
-def _text_segment(setup, B, q, seg_mask, next_pos, device) -> _Segment:
-    """A segment with no images (decode steps): every stage has the input layout."""
-    if seg_mask is None:
-        valid = torch.ones(B, q, dtype=torch.bool, device=device)
-        pos = torch.arange(q, device=device).expand(B, q)
-    else:
-        valid = seg_mask.bool()
-        pos = (valid.long().cumsum(dim=1) - 1).masked_fill(~valid, 1)
-    if next_pos is not None:
-        pos = torch.where(valid, pos + next_pos[:, None], pos)
-    st = _Stage(None, pos, valid, None, None, q, seg_mask is not None)
-    return _Segment("padded", [st] * (len(setup.schedule) + 1), valid.sum(dim=1))
-
-
-def _packed_segment(setup, ids, cu) -> _Segment:
-    from ..ops import stage_plan
-
-    flat = ids.reshape(-1)
-    plan = stage_plan(setup.schedule, input_ids=flat, cu_seqlens=cu.to(torch.int32),
-                      image_token_id=setup.image_token_id, grid=setup.grid)
-    stages = [
-        _Stage(st.index if s > 0 else None, st.position_ids.unsqueeze(0), (st.source_index >= 0).unsqueeze(0),
-               st.source_index.unsqueeze(0), st.cu_seqlens, int(st.max_seqlen), False)
-        for s, st in enumerate(plan.stages)
-    ]
-    return _Segment("packed", stages, torch.tensor([flat.numel()], device=ids.device))
-
-
-def _packed_cu(attention_mask, position_ids, cu_kw, B) -> Optional[torch.Tensor]:
-    """cu_seqlens of a packed (padding-free) batch, or None if the batch is not packed."""
-    if attention_mask is not None or B != 1:
-        return None
-    if cu_kw is not None:
-        return cu_kw.to(torch.int64)
-    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] < 2:
-        return None
-    pos = position_ids[0]
-    starts = torch.nonzero(pos[1:] <= pos[:-1]).flatten() + 1
-    if starts.numel() == 0:
-        return None
-    zero = torch.zeros(1, dtype=torch.int64, device=pos.device)
-    end = torch.tensor([pos.numel()], dtype=torch.int64, device=pos.device)
-    return torch.cat([zero, starts.to(torch.int64), end])
-
-
-def _causal_allowed(kv_valid: torch.Tensor, q: int, offset) -> torch.Tensor:
-    """bool [B, 1, q, K]: query i (slot offset+i) sees key j iff j is real and j <= offset+i.
-
-    A query also always sees its own slot, so padding queries stay finite (they are never read).
-    """
-    K = kv_valid.shape[1]
-    dev = kv_valid.device
-    qpos = torch.arange(q, device=dev)[:, None] + offset
-    kpos = torch.arange(K, device=dev)[None, :]
-    allowed = kv_valid[:, None, :] & (kpos <= qpos)[None]
-    allowed = allowed | (kpos == qpos)[None]
-    return allowed[:, None]
-
-
-def _packed_allowed(cu: torch.Tensor, T: int) -> torch.Tensor:
-    dev = cu.device
-    seg = torch.bucketize(torch.arange(T, device=dev), cu[1:].long(), right=True)
-    i = torch.arange(T, device=dev)
-    allowed = (seg[:, None] == seg[None, :]) & (i[None, :] <= i[:, None])
-    return allowed[None, None]
-
-
-# =============================================================================================
 # The hooks
 # =============================================================================================
 
@@ -345,7 +196,7 @@ class _Forward:
     backward's recompute). Layers called on their own outside a forward are left alone.
     """
 
-    seg: _Segment
+    seg: Segment
     kv: List[Tuple[torch.Tensor, int]]  # per stage: (key valid [B, K], slot of the segment's first query)
     cache: Optional[AdscCache]
     impl: str
@@ -421,7 +272,7 @@ class _ModelPreHook:
         for name in _compat.FLASH_VARLEN_KWARGS[1:]:  # recomputed per stage
             kw.pop(name, None)
         kw.pop("cache_position", None)
-        packed_cu = _packed_cu(attention_mask, kw.get("position_ids"), cu_kw, B)
+        packed_cu = find_packed_cu(attention_mask, kw.get("position_ids"), cu_kw, B)
         if packed_cu is not None and cache is not None and cache.adsc is not None:
             raise AdscInputError("packed (padding-free) inputs cannot continue a cache")
         use_cache = kw.get("use_cache")
@@ -449,15 +300,15 @@ class _ModelPreHook:
         seg_mask = attention_mask[:, -q:] if attention_mask is not None else None
         try:
             if packed_cu is not None:
-                seg = _packed_segment(setup, ids, packed_cu)
+                seg = packed_segment(setup, ids, packed_cu)
             elif first or has_features:
-                seg = _plan_segment(setup, ids, seg_mask, None if first else state.next_pos)
+                seg = plan_segment(setup, ids, seg_mask, None if first else state.next_pos)
             else:
-                seg = _text_segment(setup, B, q, seg_mask, state.next_pos, device)
+                seg = text_segment(setup, B, q, seg_mask, state.next_pos, device)
         except ValueError as exc:
             # Only on failure: walk the tokens again for a message that names a split prefill chunk.
             valid0 = seg_mask.bool() if seg_mask is not None else torch.ones(B, q, dtype=torch.bool, device=device)
-            _check_images(setup, ids, valid0, continuation=not first, packed_cu=packed_cu)
+            check_images(setup, ids, valid0, continuation=not first, packed_cu=packed_cu)
             raise AdscInputError(str(exc)) from exc
         if pixel_values is not None:
             n_tok = int((ids == setup.image_token_id).sum())
@@ -550,14 +401,14 @@ class _LayerPreHook:
                 out.update(attention_mask=None, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                            max_length_q=st.max_seqlen, max_length_k=st.max_seqlen)
             else:
-                out["attention_mask"] = _compat.format_mask(fwd.impl, _packed_allowed(st.cu_seqlens, st.valid.shape[1]),
+                out["attention_mask"] = _compat.format_mask(fwd.impl, packed_allowed(st.cu_seqlens, st.valid.shape[1]),
                                                             fwd.dtype)
         elif flash:
             out["attention_mask"] = kv_valid.to(torch.long)  # a 2-D key mask: FlashAttention unpads with it
         elif fwd.impl == "sdpa" and offset == 0 and not st.has_padding and kv_valid.shape[1] == st.valid.shape[1]:
             out["attention_mask"] = None  # plain causal prefill: SDPA's is_causal
         else:
-            out["attention_mask"] = _compat.format_mask(fwd.impl, _causal_allowed(kv_valid, st.valid.shape[1], offset),
+            out["attention_mask"] = _compat.format_mask(fwd.impl, causal_allowed(kv_valid, st.valid.shape[1], offset),
                                                         fwd.dtype)
         return out
 
@@ -582,45 +433,10 @@ class _ModelHook:
             src = torch.where(last.valid, torch.arange(B * q, device=last.valid.device, dtype=torch.int32).view(B, q),
                               torch.full((), -1, dtype=torch.int32, device=last.valid.device))
         logits = output["logits"] if not isinstance(output, tuple) else output[0]
-        loss = None if fwd.labels is None else _adsc_loss(logits, fwd.labels, seg, fwd.packed_cu, fwd.num_items)
+        loss = None if fwd.labels is None else adsc_loss(logits, fwd.labels, seg, fwd.packed_cu, fwd.num_items)
         if isinstance(output, tuple):
             return output if loss is None else (loss, *output)
         if loss is not None:
             output["loss"] = loss
         output.adsc_layout = AdscLayout(src, last.position_ids)
         return output
-
-
-def _adsc_loss(logits, labels, seg: _Segment, packed_cu, num_items):
-    """Spec 6.4: targets shifted on the input sequence, then compacted with the tokens."""
-    labels = labels.to(logits.device)
-    if packed_cu is not None:
-        flat = labels.reshape(-1)
-        shifted = torch.cat([flat[1:], flat.new_full((1,), IGNORE_INDEX)])
-        ends = packed_cu[1:].to(flat.device) - 1
-        shifted[ends[ends >= 0]] = IGNORE_INDEX
-    else:
-        if labels.shape != seg.stages[0].valid.shape:
-            raise AdscInputError(
-                f"labels must have the shape of input_ids {tuple(seg.stages[0].valid.shape)}, got {tuple(labels.shape)}"
-            )
-        shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        shifted = shifted.masked_fill(~seg.stages[0].valid, IGNORE_INDEX).reshape(-1)
-    last = seg.stages[-1]
-    if last.source_index is None:
-        target = shifted.view(last.valid.shape)
-    else:
-        src = last.source_index.long()
-        target = shifted[src.clamp(min=0)].masked_fill(src < 0, IGNORE_INDEX)
-    if logits.shape[:-1] != target.shape:
-        raise AdscInputError(
-            f"the loss needs the logits of every token (logits_to_keep=0); got logits for "
-            f"{tuple(logits.shape[:-1])} of {tuple(target.shape)} token slots"
-        )
-    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
-    if num_items is not None:
-        denom = num_items.to(total.device) if isinstance(num_items, torch.Tensor) else num_items
-    else:
-        denom = (target != IGNORE_INDEX).sum()
-    return total / denom
