@@ -535,14 +535,12 @@ def test_pickle_and_torch_save_roundtrip(tmp_path):
 def test_llava15_7b_bf16_cuda():
     """LLaVA-1.5-7B shapes, random weights, bf16: ADSC's error against the fp32 oracle is at most
     twice the error of the plain-PyTorch oracle run in bf16 (FlashAttention's accuracy rule)."""
-    from transformers import LlavaForConditionalGeneration
-
-    from adsc_ext.hf.tiny import llava15_7b_config
+    from adsc_ext.hf.tiny import build_llava, llava15_7b_config
 
     cfg = llava15_7b_config()
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
+        model = build_llava(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
     model.eval()
     apply_adsc(model)  # LLAVA15_DEFAULT: 576 -> 288 -> 144 -> 72
     tok = cfg.image_token_id

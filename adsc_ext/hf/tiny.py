@@ -7,13 +7,14 @@ image preprocessor that resizes to the tower's input size.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (AutoModelForImageTextToText, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration)
 
-__all__ = ["tiny_llava_config", "tiny_llava", "TinyProcessor", "llava15_7b_config"]
+__all__ = ["tiny_llava_config", "tiny_llava", "build_llava", "TinyProcessor", "llava15_7b_config"]
 
 #: byte-level vocabulary: 0 pad, 1 bos, 2 eos, 3..258 bytes, then the image token
 PAD, BOS, EOS, BYTE0 = 0, 1, 2, 3
@@ -30,7 +31,6 @@ def tiny_llava_config(
     vocab_size: int = 300,
     vision_hidden: int = 32,
     vision_layers: int = 2,
-    attn_implementation: Optional[str] = None,
 ) -> LlavaConfig:
     """A LLaVA-1.5-shaped config: CLIP tower with a ``grid_side x grid_side`` patch grid."""
     vision = CLIPVisionConfig(
@@ -63,8 +63,6 @@ def tiny_llava_config(
         vision_feature_select_strategy="default",
         pad_token_id=PAD,
     )
-    if attn_implementation is not None:
-        cfg._attn_implementation = attn_implementation
     return cfg
 
 
@@ -72,7 +70,7 @@ def tiny_llava(seed: int = 0, attn_implementation: str = "sdpa", dtype=torch.flo
     """A random-weight tiny LLaVA in eval mode (weights depend only on ``seed`` and the config)."""
     cfg = tiny_llava_config(**kw)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation, dtype=dtype)
+    model = build_llava(cfg, attn_implementation=attn_implementation, dtype=dtype)
     # Random init of the tiny model is small; scale up so that logits are not all ties.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -81,6 +79,15 @@ def tiny_llava(seed: int = 0, attn_implementation: str = "sdpa", dtype=torch.flo
     model.generation_config.pad_token_id = PAD
     model.generation_config.eos_token_id = None
     return model.eval()
+
+
+def build_llava(config: LlavaConfig, attn_implementation: str = "sdpa", dtype=torch.float32) -> LlavaForConditionalGeneration:
+    """A random-weight LLaVA from ``config`` (transformers' public ``from_config``). Build under
+    ``with torch.device("cuda"):`` to allocate it on a GPU directly."""
+    model = AutoModelForImageTextToText.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    if not isinstance(model, LlavaForConditionalGeneration):  # pragma: no cover - a changed auto mapping
+        raise TypeError(f"from_config built a {type(model).__name__} for a LlavaConfig")
+    return model
 
 
 def llava15_7b_config() -> LlavaConfig:
