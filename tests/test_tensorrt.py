@@ -447,6 +447,22 @@ def test_trt_build_without_tensorrt_subprocess(tmp_path):
     assert "TensorRT's Python package is not installed" in proc.stderr
 
 
+def test_a_broken_tensorrt_install_is_one_line_too(capsys, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "tensorrt":
+            raise OSError("libnvinfer.so.10: cannot open shared object file\nNo such file")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    code = main(["trt-build", str(write_folder(tmp_path))])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.count("\n") == 1 and "libnvinfer.so.10" in err and "Traceback" not in err
+
+
 def test_trt_build_usage_errors_are_one_line(capsys):
     code = main(["trt-build", "--max-batch", "many", "x"])
     out, err = capsys.readouterr()

@@ -411,8 +411,8 @@ def import_tensorrt():
     """``import tensorrt``, or :class:`TensorRTUnavailable` with :data:`INSTALL_HINT`."""
     try:
         import tensorrt  # noqa: WPS433
-    except ImportError as exc:
-        raise TensorRTUnavailable(f"{INSTALL_HINT} ({exc})") from None
+    except (ImportError, OSError) as exc:  # OSError: the package is there, libnvinfer is not
+        raise TensorRTUnavailable(f"{INSTALL_HINT} ({' '.join(str(exc).splitlines())})") from None
     major = int(str(getattr(tensorrt, "__version__", "0")).split(".")[0] or 0)
     if major < 10:
         raise TensorRTUnavailable(
