@@ -3,7 +3,7 @@
 - ``adsc plan``: per-stage token counts, decoder FLOPs and KV-cache bytes of one prefill, baseline
   against ADSC (spec section 7). Needs neither torch kernels nor the compiled extension.
 - ``adsc generate`` (:mod:`adsc_ext.hf.generate_cli`) and ``adsc bench``
-  (:mod:`adsc_ext.runtime.bench_cli`) are imported only when they run, so ``adsc plan`` keeps
+  (:mod:`adsc_ext.bench.cli`) are imported only when they run, so ``adsc plan`` keeps
   working (and stays fast) without them.
 
 Every error is one line ``adsc: error: ...`` on stderr and exit status 2, never a traceback.
@@ -28,7 +28,7 @@ _USAGE_ERROR = 2
 # the subcommand runs, so `adsc plan` needs neither torch kernels nor transformers.
 _DELEGATED = {
     "generate": ("adsc_ext.hf.generate_cli", "Generate text with an ADSC model."),
-    "bench": ("adsc_ext.runtime.bench_cli",
+    "bench": ("adsc_ext.bench.cli",
               "Benchmark the ADSC engine against the unmodified model (JSON + plot)."),
     "export": ("adsc_ext.export.export_cli",
                "Export LLaVA with the ADSC schedule baked in to ONNX; --check runs it on ONNX Runtime."),

@@ -1,12 +1,13 @@
 """Run the ADSC benchmarks: ``python benchmarks/bench.py [--tiny] ...`` (= ``adsc bench``).
 
-Results go to ``benchmarks/results/<device>-<date>.json`` (+ a PNG plot when matplotlib is
-installed). See :mod:`adsc_ext.runtime.bench_cli` for the metrics.
+Results go to this checkout's ``benchmarks/results/<device>-<date>.json`` (+ a PNG plot with the
+``[bench]`` extra's matplotlib) unless ``--out-dir`` says otherwise. See :mod:`adsc_ext.bench.suite`
+for the metrics.
 """
 
 import sys
 
-from adsc_ext.runtime.bench_cli import main
+from adsc_ext.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -479,61 +479,6 @@ def test_varlen_prefill_and_paged_decode_match_dense():
         torch.testing.assert_close(o[i], torch.einsum("hk,khd->hd", s.softmax(-1), vv))
 
 
-# ---- the benchmark entry point (not timed: checks that it runs and what it writes) -----------------
-def test_bench_tiny_writes_the_record(tmp_path, capsys):
-    import argparse
-    import json
-
-    from adsc_ext.runtime import bench_cli
-
-    parser = argparse.ArgumentParser()
-    bench_cli.add_arguments(parser)
-    args = parser.parse_args(["--tiny", "--out-dir", str(tmp_path), "--new-tokens", "3", "--repeats", "1",
-                              "--batches", "2", "--prefill-batch", "2", "--decode-batch", "3", "--text-tokens", "8",
-                              "--no-progress"])
-    args.argv = ["--tiny", "--new-tokens", "3"]  # what main() records as the command
-    assert bench_cli.run(args) == 0
-    (path,) = tmp_path.glob("*.json")
-    res = json.loads(path.read_text())
-    assert {"device", "torch", "cuda", "date", "command", "records", "targets"} <= set(res)
-    assert res["command"] == "adsc bench --tiny --new-tokens 3"
-    metrics = {r["metric"]: r for r in res["records"]}
-    assert set(metrics) == {
-        "prefill_seconds_b2", "prefill_seconds_b3", "decode_tokens_per_s_b2", "decode_tokens_per_s_b3",
-        "peak_kv_bytes", "hf_prefill_seconds_b2", "hf_decode_tokens_per_s_b3", "prefill_seconds_b2_vs_fastv",
-        "compact_bandwidth_fraction", "kv_write_bandwidth_fraction", "reindex_fraction_of_prefill",
-    }
-    for r in res["records"]:
-        assert {"metric", "unit", "baseline", "adsc", "config"} <= set(r)
-        assert r["adsc"] > 0 and r["config"]["schedule"] == "2:2,4:2,6:2"
-    kv = metrics["peak_kv_bytes"]
-    assert kv["adsc"] < kv["baseline"]
-    assert kv["config"]["ratio_error"] < 0.05  # 16-token block rounding on a tiny batch
-    # 8 layers, 576 image tokens: ((576 + 288 + 144 + 72) * 2 - 2 * 576) / 6 = 168 kept after layer 2
-    assert metrics["prefill_seconds_b2_vs_fastv"]["config"]["fastv_keep_per_image"] == 168
-    names = {t["name"] for t in res["targets"]}
-    assert names == {"prefill_speedup", "decode_speedup", "peak_kv_ratio_error", "compact_bandwidth_fraction",
-                     "kv_write_bandwidth_fraction", "reindex_fraction_of_prefill", "prefill_faster_than_fastv"}
-    assert not any(t["applies"] for t in res["targets"])  # a tiny CPU run measures no spec-8 target
-    out = capsys.readouterr().out
-    assert "not applicable" in out and f"wrote {path}" in out
-
-
-def test_bench_rejects_bad_batches():
-    import argparse
-
-    from adsc_ext.runtime import bench_cli
-
-    parser = argparse.ArgumentParser()
-    bench_cli.add_arguments(parser)
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--batches", "0,8"])
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--batches", "a"])
-    with pytest.raises(ValueError, match="--new-tokens must be >= 2"):
-        bench_cli.run(parser.parse_args(["--tiny", "--new-tokens", "1"]))
-
-
 def _dense_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal):
     """Reference packed attention (bottom-right aligned causal mask, GQA by repetition)."""
     import torch.nn.functional as F
