@@ -55,6 +55,7 @@ __all__ = [
     "lm_head_flops",
     "decode_weight_bytes",
     "plan_report",
+    "format_section8",
 ]
 
 
@@ -406,3 +407,17 @@ def plan_report(
         "prefill": prefill,
         "decode": decode,
     }
+
+
+def format_section8(report: Mapping[str, Any]) -> list[str]:
+    """The lines ``adsc plan`` prints for spec section 8's two other ratios."""
+    pre, dec = report["prefill"], report["decode"]
+    gib = 2.0**30
+    return [
+        f"whole prefill per request (vision tower + projector {pre['vision_flops'] / 1e12:.3f} TFLOPs, "
+        f"decoder, LM head {pre['lm_head_flops'] / 1e12:.4f} TFLOPs): {pre['baseline_flops'] / 1e12:.3f} vs "
+        f"{pre['adsc_flops'] / 1e12:.3f} TFLOPs, ideal time-to-first-token speed-up {pre['speedup']:.2f}x",
+        f"one decode step, batch {dec['batch']}, {dec['new_tokens']} new tokens (mean over {dec['steps']} steps): "
+        f"weights {dec['weights_bytes'] / gib:.2f} GiB + KV {dec['baseline_kv_bytes'] / gib:.2f} vs "
+        f"{dec['adsc_kv_bytes'] / gib:.2f} GiB read, ideal decode speed-up {dec['speedup']:.2f}x",
+    ]

@@ -17,7 +17,7 @@ import json
 import sys
 from typing import Any, Optional, Sequence
 
-from adsc_ext.accounting import PRESETS, load_model_spec, plan_report
+from adsc_ext.accounting import PRESETS, format_section8, load_model_spec, plan_report
 from adsc_ext.schedule import LLAVA15_DEFAULT, Schedule, ScheduleError
 
 __all__ = ["main", "format_report"]
@@ -72,6 +72,10 @@ def _build_parser() -> _Parser:
     plan.add_argument(
         "--dtype-bytes", type=int, default=2, help="bytes per KV-cache value; default: %(default)s"
     )
+    plan.add_argument("--decode-batch", type=int, default=32,
+                      help="batch of the decode-step bytes; default: %(default)s")
+    plan.add_argument("--new-tokens", type=int, default=256,
+                      help="tokens generated, for the decode-step bytes; default: %(default)s")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
 
     # No help of their own: every argument, --help included, goes to the delegate's parser.
@@ -101,7 +105,8 @@ def _plan(args: argparse.Namespace) -> int:
     except ScheduleError as exc:
         raise CliError(f"bad --schedule {args.schedule!r}: {exc}") from None
     report = plan_report(
-        load_model_spec(args.model), schedule, args.text_tokens, args.images, args.dtype_bytes
+        load_model_spec(args.model), schedule, args.text_tokens, args.images, args.dtype_bytes,
+        decode_batch=args.decode_batch, new_tokens=args.new_tokens,
     )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
@@ -179,6 +184,7 @@ def format_report(report: dict[str, Any]) -> str:
         *_aligned(total_rows),
         "",
         f"ideal prefill speed-up (FLOPs ratio): {report['ideal_speedup']:.2f}x",
+        *format_section8(report),
     ])
 
 

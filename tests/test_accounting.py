@@ -401,3 +401,18 @@ def test_lm_head_and_decode_weights_are_the_model_s(tiny_llava_and_spec):
     text = model.model.language_model
     params = sum(p.numel() for p in text.layers.parameters()) + text.norm.weight.numel() + model.lm_head.weight.numel()
     assert decode_weight_bytes(spec, dtype_bytes=4) == 4 * params
+
+
+def test_adsc_plan_prints_the_section8_ratios(capsys):
+    from adsc_ext import cli
+
+    assert cli.main(["plan"]) == 0
+    out = capsys.readouterr().out
+    assert "8.910 vs 4.810 TFLOPs, ideal time-to-first-token speed-up 1.85x" in out
+    assert "one decode step, batch 32, 256 new tokens (mean over 255 steps)" in out
+    assert "ideal decode speed-up 1.24x" in out
+    assert cli.main(["plan", "--decode-batch", "64", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["decode"]["batch"] == 64 and r["decode"]["speedup"] > 1.24
+    assert cli.main(["plan", "--new-tokens", "1"]) == 2
+    assert "new_tokens must be an integer >= 2" in capsys.readouterr().err
