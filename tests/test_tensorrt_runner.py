@@ -21,7 +21,7 @@ from adsc_ext.export.runner import OnnxRunner  # noqa: E402
 from adsc_ext.export.trt_runner import TensorRTRunner  # noqa: E402
 from adsc_ext.hf.tiny import tiny_llava  # noqa: E402
 
-SCHEDULE = "2:2,4:2"
+SCHEDULE = "1:2,2:4"  # 4x4 -> 4x2 -> 2x1: three stages on a three-layer model
 
 
 class OrtGraph:
@@ -45,7 +45,7 @@ def folder(tmp_path_factory):
     from adsc_ext.export.onnx_export import export_onnx
 
     out = tmp_path_factory.mktemp("trt_runner") / "export"
-    export_onnx(tiny_llava(seed=3), out, SCHEDULE, progress=None)
+    export_onnx(tiny_llava(seed=3, num_layers=3, vision_layers=1), out, SCHEDULE, progress=None)
     return out
 
 
