@@ -12,14 +12,16 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _C  # noqa: F401  (loads the library that registers torch.ops.adsc)
+from . import _C  # loads the library that registers torch.ops.adsc (and holds the core's limits)
 from .plan import Plan, StagePlan, normalize_plan_inputs
 from .schedule import Schedule
 
 __all__ = ["stage_plan", "compact_tokens", "write_paged_kv", "cuda_ops_available"]
 
-# Summary layout of adsc/plan.h: a header of 8 int32s, then (tokens, max length) per stage.
-_SUMMARY_HEADER = 8
+# The summary layout of adsc/plan.h and the plan's token limit, read from the compiled core: a
+# header of PLAN_SUMMARY_HEADER int32s, then (tokens, longest sequence) per stage.
+_SUMMARY_HEADER: int = _C.PLAN_SUMMARY_HEADER
+_MAX_TOKENS: int = _C.PLAN_MAX_TOKENS
 
 
 def _summary_size(num_steps: int) -> int:
@@ -56,6 +58,17 @@ def stage_plan(
         image_spans=image_spans, image_token_id=image_token_id, grid=grid,
         padding_side=padding_side,
     )
+    if inp.device.type == "meta":
+        raise ValueError(
+            "stage_plan cannot run on meta tensors: the stage sizes depend on the token ids, which "
+            "meta tensors do not hold (give CPU or CUDA tensors)"
+        )
+    if inp.num_tokens > _MAX_TOKENS:
+        shape = f" ({inp.batch_size} x {inp.num_tokens // max(inp.batch_size, 1)})" if inp.layout == "padded" else ""
+        raise ValueError(
+            f"too many tokens: a plan takes at most {_MAX_TOKENS} tokens (its indices are int32), "
+            f"got {inp.num_tokens}{shape}"
+        )
     ids = None if inp.image_spans is not None else inp.input_ids
     token_id = -1 if image_token_id is None else int(image_token_id)
     gh, gw = (int(v) for v in grid)
@@ -137,9 +150,10 @@ def compact_tokens(
         raise ValueError(f"out must have shape {want} (index.shape + x.shape[{k}:]), got {tuple(out.shape)}")
     if out.device != x.device:
         raise ValueError(f"out must be on {x.device} like x, got {out.device}")
-    if torch.is_grad_enabled() and x.requires_grad:
+    if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
+        what = "x requires grad" if x.requires_grad else "out requires grad (it is tracked by autograd)"
         raise RuntimeError(
-            "compact_tokens(out=...) does not support automatic differentiation: x requires grad; "
+            f"compact_tokens(out=...) does not support automatic differentiation: {what}; "
             "call it without out= (or under torch.no_grad())"
         )
     try:
@@ -174,6 +188,46 @@ def write_paged_kv(
 
 
 # ---- torch.compile support: fake kernels --------------------------------------------------------
+# A call with any meta tensor among real ones is dispatched to these kernels, so they repeat the
+# real ops' device, dtype and shape checks (with the same exception types) instead of returning
+# uninitialised memory or doing nothing.
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _same_device(device, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} must be on {device} like the other inputs, got {t.device}")
+
+
+def _check_index(index, device) -> None:
+    if index.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"index must be int32 or int64, got {_dtype_name(index.dtype)}")
+    if index.dim() != 1:
+        raise ValueError(f"index must be 1-D [rows], got shape {list(index.shape)}")
+    _same_device(device, index=index)
+
+
+def _dtype_name(dtype) -> str:
+    # The C++ front end prints c10 scalar type names (Float, Int, Long, ...).
+    names = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+             torch.bfloat16: "BFloat16", torch.int32: "Int", torch.int64: "Long",
+             torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool"}
+    return names.get(dtype, str(dtype))
+
+
+def _check_real_plan_inputs(layout_tensor) -> None:
+    # Outside tracing (plain meta tensors) the plan cannot run: its sizes depend on the data.
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if not isinstance(layout_tensor, FakeTensor):
+        raise ValueError(
+            "stage_plan cannot run on meta tensors: the stage sizes depend on the token ids, which "
+            "meta tensors do not hold"
+        )
+
+
 def _plan_fakes(device, stages: int, num_tokens, batch: int):
     i32 = dict(dtype=torch.int32, device=device)
     return (
@@ -187,33 +241,86 @@ def _plan_fakes(device, stages: int, num_tokens, batch: int):
 
 @torch.library.register_fake("adsc::stage_plan_packed")
 def _(input_ids, cu_seqlens, image_spans, num_tokens, image_token_id, grid_h, grid_w, factors):
+    _same_device(cu_seqlens.device, input_ids=input_ids, image_spans=image_spans)
+    if cu_seqlens.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {_dtype_name(cu_seqlens.dtype)}")
+    if input_ids is not None and (input_ids.dim() != 1 or input_ids.numel() != num_tokens):
+        raise ValueError(f"the packed layout needs input_ids of shape [{num_tokens}], got "
+                         f"{list(input_ids.shape)}")
+    _check_real_plan_inputs(cu_seqlens)
     return _plan_fakes(cu_seqlens.device, len(factors) + 1, num_tokens, cu_seqlens.shape[0] - 1)
 
 
 @torch.library.register_fake("adsc::stage_plan_padded")
 def _(input_ids, attention_mask, image_spans, image_token_id, grid_h, grid_w, factors, pad_left):
+    _same_device(attention_mask.device, input_ids=input_ids, image_spans=image_spans)
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be [B, S], got shape {list(attention_mask.shape)}")
+    if input_ids is not None and input_ids.shape != attention_mask.shape:
+        raise ValueError(f"input_ids {list(input_ids.shape)} and attention_mask "
+                         f"{list(attention_mask.shape)} must have the same shape")
+    _check_real_plan_inputs(attention_mask)
     return _plan_fakes(
         attention_mask.device, len(factors) + 1, attention_mask.numel(), attention_mask.shape[0]
     )
 
 
+def _check_compact(x, index, out=None) -> None:
+    if x.dim() < 1:
+        raise ValueError("x must have a token dim: shape [rows, ...], got a scalar")
+    _check_index(index, x.device)
+    if out is not None:
+        _same_device(x.device, out=out)
+        if out.dtype != x.dtype:
+            raise TypeError(f"out must have x's dtype {_dtype_name(x.dtype)}, got {_dtype_name(out.dtype)}")
+        want = [index.shape[0], *x.shape[1:]]
+        if list(out.shape) != want:
+            raise ValueError(f"out must have shape {want} ([index rows] + x.shape[1:]), got {list(out.shape)}")
+
+
 @torch.library.register_fake("adsc::compact_tokens")
 def _(x, index, check_index=True):
+    _check_compact(x, index)
     return x.new_empty((index.shape[0], *x.shape[1:]))
 
 
 @torch.library.register_fake("adsc::compact_tokens_out")
 def _(x, index, out, check_index=True):
+    _check_compact(x, index, out)
     return None
 
 
 @torch.library.register_fake("adsc::write_paged_kv")
 def _(key, value, key_cache, value_cache, slot_mapping, check_slots=True):
+    _same_device(key.device, value=value, key_cache=key_cache, value_cache=value_cache,
+                 slot_mapping=slot_mapping)
+    if key.dim() < 1 or key.shape != value.shape:
+        raise ValueError(f"key and value must be [tokens, ...] of one shape, got {list(key.shape)} "
+                         f"and {list(value.shape)}")
+    if not (key.dtype == value.dtype == key_cache.dtype == value_cache.dtype):
+        raise TypeError("key, value and the caches must share one dtype")
+    if (key_cache.dim() != key.dim() + 1 or key_cache.shape != value_cache.shape
+            or key_cache.shape[2:] != key.shape[1:]):
+        raise ValueError(f"caches must be [num_blocks, block_size] + key.shape[1:], got "
+                         f"{list(key_cache.shape)} and {list(value_cache.shape)}")
+    if slot_mapping.dtype != torch.int64:
+        raise TypeError(f"slot_mapping must be int64, got {_dtype_name(slot_mapping.dtype)}")
+    if slot_mapping.dim() != 1 or slot_mapping.shape[0] != key.shape[0]:
+        raise ValueError(f"slot_mapping must be [{key.shape[0]}] (one slot per token), got "
+                         f"{list(slot_mapping.shape)}")
     return None
 
 
 @torch.library.register_fake("adsc::scatter_add_tokens")
 def _(grad, index, num_rows):
+    if grad.dim() < 1:
+        raise ValueError("grad must be [rows, ...], got a scalar")
+    _check_index(index, grad.device)
+    if index.shape[0] != grad.shape[0]:
+        raise ValueError(f"index has {index.shape[0]} rows but grad has {grad.shape[0]}")
+    if grad.dtype not in _GRAD_DTYPES:
+        raise TypeError("scatter_add_tokens supports float32, float16, bfloat16 and float64 "
+                        f"gradients, got {_dtype_name(grad.dtype)}")
     return grad.new_empty((num_rows, *grad.shape[1:]))
 
 

@@ -129,7 +129,9 @@ def normalize_plan_inputs(
         if input_ids is None:
             raise ValueError("with image_spans, give cu_seqlens or attention_mask for the layout")
         if input_ids.dim() == 1:
-            cu_seqlens = torch.tensor([0, input_ids.numel()], dtype=torch.int32, device=input_ids.device)
+            n = input_ids.numel()  # int64 when int32 cannot hold it: the op then says "too many tokens"
+            cu_dtype = torch.int32 if n <= torch.iinfo(torch.int32).max else torch.int64
+            cu_seqlens = torch.tensor([0, n], dtype=cu_dtype, device=input_ids.device)
         else:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
 

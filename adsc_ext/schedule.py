@@ -3,13 +3,17 @@
 Text form (spec section 2): comma-separated ``layer:factor`` pairs, e.g. ``"8:2,16:2,24:2"``.
 ``layer`` is the 0-based decoder layer *before which* the downsampling happens, ``factor`` is 2
 (halve the longer side of the image grid; on a tie, the width) or 4 (halve both sides). The empty
-string is the unmodified model.
+string is the unmodified model. The grammar is the C core's (``adsc_schedule_parse``): numbers are
+1 to 9 ASCII digits, and spaces and tabs (no other whitespace) may surround them; a test checks
+through the C ABI that the two parsers accept and reject the same texts.
 """
 
 from __future__ import annotations
 
+import operator
+import re
 from dataclasses import dataclass
-from typing import Iterable, Sequence, Tuple, Union
+from typing import Iterable, Optional, Sequence, Tuple, Union
 
 __all__ = [
     "LLAVA15_DEFAULT",
@@ -24,8 +28,41 @@ __all__ = [
 #: The default schedule for LLaVA-1.5: 576 -> 288 -> 144 -> 72 vision tokens per image.
 LLAVA15_DEFAULT = "8:2,16:2,24:2"
 
-#: Largest number of downsampling steps the compiled core accepts (kMaxStages in adsc/schedule.h).
-MAX_STEPS = 16
+#: Largest layer number: the text form holds at most 9 digits per number (as the C parser).
+MAX_LAYER = 999_999_999
+
+# One item of the text form: 1-9 ASCII digits, ':', 1-9 ASCII digits, spaces/tabs around each.
+_ITEM = re.compile(r"[ \t]*([0-9]{1,9})[ \t]*:[ \t]*([0-9]{1,9})[ \t]*")
+
+_max_steps: Optional[int] = None
+
+
+def max_steps() -> Optional[int]:
+    """The most downsampling steps a schedule may have: ``ADSC_MAX_STEPS`` of the compiled core,
+    read from the extension (``adsc_ext._C.MAX_STEPS``); None when the extension is not built,
+    where nothing would run the schedule and no limit is enforced."""
+    global _max_steps
+    if _max_steps is None:
+        try:
+            import torch  # noqa: F401  (the extension links libtorch)
+
+            from . import _C
+        except ImportError:
+            return None
+        limit = getattr(_C, "MAX_STEPS", None)
+        if limit is None:
+            raise ImportError(
+                "adsc_ext._C is out of date (it has no MAX_STEPS): rebuild it with "
+                "`pip install --no-build-isolation -e .`"
+            )
+        _max_steps = int(limit)
+    return _max_steps
+
+
+def __getattr__(name):
+    if name == "MAX_STEPS":  # the compiled core's limit, read on first use
+        return max_steps()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 Grid = Tuple[int, int]
 
@@ -101,8 +138,9 @@ class Schedule:
     def __post_init__(self) -> None:
         steps = tuple(self.steps)
         object.__setattr__(self, "steps", steps)
-        if len(steps) > MAX_STEPS:
-            raise ScheduleError(f"at most {MAX_STEPS} steps are supported, got {len(steps)}")
+        limit = max_steps()
+        if limit is not None and len(steps) > limit:
+            raise ScheduleError(f"at most {limit} steps are supported, got {len(steps)}")
         prev = 0
         for i, st in enumerate(steps):
             if not isinstance(st, Step):
@@ -114,6 +152,13 @@ class Schedule:
                     f"step {i} ('{st}'): layer must be >= 1 (downsampling happens before a "
                     f"layer, and layer 0 sees the full sequence), got {st.layer}"
                 )
+            if st.layer > MAX_LAYER:
+                raise ScheduleError(
+                    f"step {i} ('{st}'): layer must be at most {MAX_LAYER} (9 digits, what the "
+                    f"text form holds), got {st.layer}"
+                )
+            if isinstance(st.factor, bool) or not isinstance(st.factor, int):
+                raise ScheduleError(f"step {i}: factor must be an int, got {st.factor!r}")
             if st.layer <= prev and i > 0:
                 raise ScheduleError(
                     f"step {i} ('{st}'): layers must be strictly increasing, got {st.layer} "
@@ -126,22 +171,25 @@ class Schedule:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def parse(cls, text: str) -> "Schedule":
-        """Parse ``"layer:factor,..."``; the empty string is the empty schedule."""
+        """Parse ``"layer:factor,..."``; the empty (or all-blank) string is the empty schedule.
+
+        Numbers are 1 to 9 ASCII digits; spaces and tabs may surround them. Anything else (other
+        digits such as ``'٣'`` or ``'８'``, other whitespace) is a :class:`ScheduleError`.
+        """
         if not isinstance(text, str):
             raise ScheduleError(f"a schedule string is expected, got {type(text).__name__}")
-        body = text.strip()
-        if body == "":
+        if text.strip(" \t") == "":
             return cls(())
         steps = []
-        for i, item in enumerate(body.split(",")):
-            item = item.strip()
-            parts = item.split(":")
-            if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        for i, item in enumerate(text.split(",")):
+            m = _ITEM.fullmatch(item)
+            if m is None:
                 raise ScheduleError(
-                    f"bad schedule item {i} {item!r} in {text!r}: expected 'layer:factor' with "
-                    f"two non-negative integers, e.g. '8:2,16:2,24:2'"
+                    f"bad schedule item {i} {item.strip(' ')!r} in {text!r}: expected "
+                    f"'layer:factor' with two non-negative integers of at most 9 ASCII digits, "
+                    f"e.g. '8:2,16:2,24:2'"
                 )
-            steps.append(Step(int(parts[0]), int(parts[1])))
+            steps.append(Step(int(m.group(1)), int(m.group(2))))
         return cls(tuple(steps))
 
     @classmethod
@@ -154,7 +202,9 @@ class Schedule:
         if isinstance(value, str):
             return cls.parse(value)
         try:
-            return cls(tuple(Step(int(layer), int(factor)) for layer, factor in value))
+            # operator.index: ints (and numpy ints) only; int() would read '٣' or 8.5.
+            return cls(tuple(Step(operator.index(layer), operator.index(factor))
+                             for layer, factor in value))
         except (TypeError, ValueError) as exc:
             if isinstance(exc, ScheduleError):
                 raise

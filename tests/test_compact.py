@@ -930,3 +930,54 @@ def test_property_matches_reference(case):
     out = torch.empty((*index_shape, *feat), dtype=dtype)
     assert compact_tokens(x, index, out=out) is out
     assert_bits_equal(out, expected)
+
+
+# ---- 5. hardening (issue 14): mixed meta/real devices, out= requiring grad ---------------------
+def test_mixed_meta_and_cpu_raise_instead_of_returning_garbage():
+    # The dispatcher sends a call with any meta tensor to the fake kernel: it must check devices
+    # as the real op does, not hand back uninitialised CPU memory (D4).
+    x = make_x((6, 4), torch.float32)
+    meta_index = idx([0, 1, 2]).to("meta")
+    with pytest.raises(ValueError, match=r"index must be on cpu.*got meta"):
+        compact_tokens(x, meta_index)
+    with pytest.raises(ValueError, match=r"index must be on meta.*got cpu"):
+        compact_tokens(x.to("meta"), idx([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"out must be on cpu.*got meta"):
+        torch.ops.adsc.compact_tokens_out(x, idx([0, 1]), torch.empty((2, 4), device="meta"), True)
+    with pytest.raises(ValueError, match=r"index must be on cpu.*got meta"):
+        ops.scatter_add_tokens(x, idx([0, 1, 2, 3, 4, 5]).to("meta"), 6)
+    # All-meta calls still give shapes (what torch.compile and shape inference need).
+    out = torch.ops.adsc.compact_tokens(x.to("meta"), meta_index, True)
+    assert out.device.type == "meta" and out.shape == (3, 4)
+
+
+def test_fake_kernels_repeat_the_real_checks():
+    x = make_x((6, 4), torch.float32, "meta")
+    with pytest.raises(TypeError, match="index must be int32 or int64, got Float"):
+        torch.ops.adsc.compact_tokens(x, torch.zeros(3, device="meta"), True)
+    with pytest.raises(ValueError, match=r"index must be 1-D"):
+        torch.ops.adsc.compact_tokens(x, torch.zeros((3, 1), dtype=torch.int64, device="meta"), True)
+    with pytest.raises(ValueError, match="token dim"):
+        torch.ops.adsc.compact_tokens(torch.zeros((), device="meta"), idx([0]).to("meta"), True)
+    with pytest.raises(TypeError, match="out must have x's dtype"):
+        torch.ops.adsc.compact_tokens_out(x, idx([0]).to("meta"),
+                                          torch.empty((1, 4), dtype=torch.float64, device="meta"), True)
+    with pytest.raises(ValueError, match=r"out must have shape \[2, 4\]"):
+        torch.ops.adsc.compact_tokens_out(x, idx([0, 1]).to("meta"), torch.empty((3, 4), device="meta"), True)
+    with pytest.raises(ValueError, match="index has 2 rows but grad has 6"):
+        ops.scatter_add_tokens(x, idx([0, 1]).to("meta"), 6)
+    with pytest.raises(TypeError, match="scatter_add_tokens supports float32"):
+        ops.scatter_add_tokens(x.int(), idx([0] * 6).to("meta"), 6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_that_requires_grad_is_refused(device):
+    # Writing into a tensor autograd tracks would leave it with a wrong history (D8).
+    x = make_x((6, 4), torch.float32, device)
+    out = torch.zeros((3, 4), device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="out requires grad"):
+        compact_tokens(x, idx([0, 1, 2], device=device), out=out)
+    assert torch.equal(out.detach(), torch.zeros_like(out))
+    with torch.no_grad():  # as for any in-place write, fine without autograd
+        compact_tokens(x, idx([0, 1, 2], device=device), out=out)
+    assert_bits_equal(out.detach(), x[:3])

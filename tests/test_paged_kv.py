@@ -86,3 +86,44 @@ def test_bad_input(device):
 def test_opcheck():
     key, value, (kc, vc), slots = case(torch.float32, (2, 8), 4, "cpu")
     torch.library.opcheck(torch.ops.adsc.write_paged_kv, (key, value, kc, vc, slots, True))
+
+
+# ---- hardening (issue 14) ------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_keys_that_alias_a_cache_are_refused(device):
+    # With key a view of key_cache the result would depend on the write order (D5).
+    key, value, (kc, vc), slots = case(torch.float32, (2, 8), 4, device, num_tokens=4, num_blocks=2)
+    alias = kc.view(-1, 2, 8)[:4]
+    before = kc.clone()
+    with pytest.raises(ValueError, match="key_cache and key share memory"):
+        write_paged_kv(alias, value, kc, vc, slots)
+    with pytest.raises(ValueError, match="value_cache and value share memory"):
+        write_paged_kv(key, vc.view(-1, 2, 8)[1:5], kc, vc, slots)
+    with pytest.raises(ValueError, match="key_cache and value_cache share memory"):
+        write_paged_kv(key, value, kc, kc, slots)
+    assert torch.equal(kc, before)
+    write_paged_kv(alias.clone(), value, kc, vc, slots)  # a copy is fine
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_block_caches_with_every_token_skipped(device):
+    # Nothing to write: a no-op, not "caches must not be null" (D11).
+    key = torch.randn(3, 2, 8, device=device)
+    kc = torch.empty(0, 4, 2, 8, device=device)
+    slots = torch.full((3,), -1, dtype=torch.int64, device=device)
+    write_paged_kv(key, key.clone(), kc, kc.clone(), slots)
+    with pytest.raises(IndexError):
+        write_paged_kv(key, key.clone(), kc, kc.clone(), torch.tensor([-1, 0, -1], device=device))
+
+
+def test_meta_caches_with_cpu_keys_raise():
+    # A meta cache sends the call to the fake kernel, which must check devices (D4), not no-op.
+    key, value, (kc, vc), slots = case(torch.float32, (2, 8), 4, "cpu")
+    with pytest.raises(ValueError, match=r"key_cache must be on cpu.*got meta"):
+        write_paged_kv(key, value, kc.to("meta"), vc.to("meta"), slots)
+    with pytest.raises(ValueError, match=r"slot_mapping must be on meta.*got cpu"):
+        write_paged_kv(key.to("meta"), value.to("meta"), kc.to("meta"), vc.to("meta"), slots)
+    with pytest.raises(TypeError, match="slot_mapping must be int64"):
+        write_paged_kv(key.to("meta"), value.to("meta"), kc.to("meta"), vc.to("meta"),
+                       slots.int().to("meta"))
+    write_paged_kv(key.to("meta"), value.to("meta"), kc.to("meta"), vc.to("meta"), slots.to("meta"))

@@ -137,7 +137,7 @@ def test_raw_op_argument_errors():
     with pytest.raises(ValueError, match="at most 16 steps"):
         op(ids, cu, None, 3, IMG, 2, 2, [2] * 17)
     # Refused before anything is allocated for it.
-    with pytest.raises(ValueError, match=r"a plan takes 0 to \d+ tokens, got num_tokens=4294967296"):
+    with pytest.raises(ValueError, match=r"too many tokens: a plan takes at most \d+ tokens .*got 4294967296"):
         op(None, cu, torch.zeros(0, 4, dtype=torch.int64), 2**32, IMG, 2, 2, [2])
     # int64 offsets that would wrap when narrowed to int32.
     with pytest.raises(ValueError, match=r"cu_seqlens must hold int32 offsets"):
@@ -152,3 +152,62 @@ def test_device_mismatch():
         stage_plan("1:2", input_ids=ids, cu_seqlens=cu.cuda(), image_token_id=IMG, grid=(2, 2))
     with pytest.raises(ValueError, match="input_ids must be on cuda"):
         torch.ops.adsc.stage_plan_packed(ids, cu.cuda(), None, 3, IMG, 2, 2, [2])
+
+
+# ---- hardening (issue 14) ------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch_still_checks_the_grid(device):
+    # An empty input_ids has a NULL data pointer; the grid must be checked all the same (D6).
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    cu = torch.zeros(1, dtype=torch.int32, device=device)
+    both_raise(ValueError, r"cannot downsample a 1x1 image grid", input_ids=empty, cu_seqlens=cu,
+               image_token_id=IMG, grid=(1, 1))
+    mask = torch.zeros((0, 5), dtype=torch.bool, device=device)
+    both_raise(ValueError, r"cannot downsample a 1x1 image grid", input_ids=torch.zeros((0, 5), dtype=torch.int64, device=device),
+               attention_mask=mask, image_token_id=IMG, grid=(1, 1))
+    assert stage_plan("1:2", input_ids=empty, cu_seqlens=cu, image_token_id=IMG, grid=(2, 2)).stages[1].num_tokens == 0
+
+
+def test_meta_inputs_raise_instead_of_reading_an_uninitialised_summary():
+    ids, cu = ids_cu([[1, IMG, IMG, IMG, IMG, 2]])
+    with pytest.raises(ValueError, match=r"input_ids .* meta .* cpu|input_ids must be on cpu.*got meta"):
+        stage_plan("1:2", input_ids=ids.to("meta"), cu_seqlens=cu, image_token_id=IMG, grid=(2, 2))
+    with pytest.raises(ValueError, match="meta tensors"):
+        stage_plan("1:2", input_ids=ids.to("meta"), cu_seqlens=cu.to("meta"), image_token_id=IMG,
+                   grid=(2, 2))
+    with pytest.raises(ValueError, match=r"input_ids must be on cpu.*got meta"):
+        torch.ops.adsc.stage_plan_packed(ids.to("meta"), cu, None, 6, IMG, 2, 2, [2])
+    with pytest.raises(ValueError, match="meta tensors"):
+        torch.ops.adsc.stage_plan_padded(ids.view(1, 6).to("meta"), torch.ones((1, 6), dtype=torch.bool, device="meta"),
+                                         None, IMG, 2, 2, [2], True)
+
+
+def test_too_many_tokens_is_said_before_anything_is_allocated():
+    # Expanded tensors: 2^30 and 2^42 elements that take no memory. Before the fix the packed call
+    # failed in an int32 conversion and the padded one tried to allocate terabytes (D13).
+    n = 2**30
+    ids = torch.zeros(1, dtype=torch.int64).expand(n)
+    with pytest.raises(ValueError, match=r"too many tokens: .*at most 1073741823 .*got 1073741824"):
+        stage_plan("1:2", input_ids=ids, image_token_id=IMG, grid=(2, 2))
+    with pytest.raises(ValueError, match=r"too many tokens"):
+        torch.ops.adsc.stage_plan_packed(ids, torch.tensor([0, n], dtype=torch.int64), None, n, IMG, 2, 2, [2])
+    mask = torch.ones((1, 1), dtype=torch.bool).expand(2**21, 2**21)
+    big_ids = torch.zeros((1, 1), dtype=torch.int64).expand(2**21, 2**21)
+    with pytest.raises(ValueError, match=r"too many tokens: .*got 4398046511104 \(2097152 x 2097152\)"):
+        stage_plan("1:2", input_ids=big_ids, attention_mask=mask, image_token_id=IMG, grid=(2, 2))
+    with pytest.raises(ValueError, match=r"too many tokens"):
+        torch.ops.adsc.stage_plan_padded(big_ids, torch.ones((1, 1), dtype=torch.int32).expand(2**21, 2**21),
+                                         None, IMG, 2, 2, [2], True)
+    spans = torch.tensor([[0, 0, 2, 2]])
+    with pytest.raises(ValueError, match=r"too many tokens"):
+        stage_plan("1:2", image_spans=spans, cu_seqlens=torch.tensor([0, 2**31 + 5]))
+
+
+def test_limits_come_from_the_compiled_core():
+    from adsc_ext import _C, schedule
+
+    assert (_C.MAX_STEPS, _C.PLAN_SUMMARY_HEADER, _C.PLAN_MAX_TOKENS) == (16, 8, 2**30 - 1)
+    assert schedule.max_steps() == _C.MAX_STEPS
+    ids, cu = ids_cu([[1, IMG, IMG, IMG, IMG, 2]])
+    plan = stage_plan("1:2", input_ids=ids, cu_seqlens=cu, image_token_id=IMG, grid=(2, 2))
+    assert [st.num_tokens for st in plan.stages] == [6, 4]

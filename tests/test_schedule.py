@@ -108,3 +108,88 @@ def test_grids_match_kept_indices(h, w, pairs):
         rows = [rows[i] for i in kept_axis_indices(len(rows))] if hr else rows
         cols = [cols[i] for i in kept_axis_indices(len(cols))] if hc else cols
         assert (len(rows), len(cols)) == (gh, gw)
+
+
+# ---- the Python and C parsers agree (issue 14 D7/D12, issue 10 item 4) ----------------------------
+@pytest.mark.parametrize(
+    "text",
+    ["\u0661:\u0662",  # Arabic-Indic digits: str.isdigit() is True, int() parses them
+     "\uff18:2",  # full-width 8
+     "1:\u00b2",  # superscript two: isdigit() is True but int() fails
+     "1234567890:2",  # ten digits: the C parser reads at most nine
+     "0000000008:2",
+     "8:2\n", "\n8:2", "8:\u00a02",  # whitespace other than spaces and tabs
+     "8:2\x00"],
+)
+def test_parse_takes_ascii_digits_only(text):
+    with pytest.raises(ScheduleError, match="expected 'layer:factor'"):
+        Schedule.parse(text)
+
+
+def test_parse_accepts_what_the_c_parser_accepts():
+    assert Schedule.parse(" \t8 : 2 ,\t16:2 ") == Schedule.parse("8:2,16:2")
+    assert Schedule.parse("999999999:2").layers == (999999999,)
+    assert Schedule.parse(" \t ") == Schedule(())
+    with pytest.raises(ScheduleError, match="layer must be at most 999999999"):
+        Schedule([Step(1000000000, 2)])
+    with pytest.raises(ScheduleError, match="must be a string, a Schedule or"):
+        Schedule.coerce([("\u0663", 2)])  # int() would read a 3
+    with pytest.raises(ScheduleError, match="must be a string, a Schedule or"):
+        Schedule.coerce([(8.5, 2)])
+
+
+def _c_parser():
+    import ctypes
+    from pathlib import Path
+
+    import adsc_ext
+
+    try:
+        lib_path = Path(adsc_ext.cmake_prefix_path()) / "lib" / "libadsc.so"
+    except FileNotFoundError:
+        pytest.skip("this install of adsc_ext has no C/C++ SDK (libadsc.so)")
+    lib = ctypes.CDLL(str(lib_path))
+
+    from adsc_ext.schedule import max_steps
+
+    n = max_steps()  # ADSC_MAX_STEPS, from the compiled core
+
+    class CSchedule(ctypes.Structure):  # adsc_schedule of adsc.h
+        _fields_ = [("num_steps", ctypes.c_int32), ("layers", ctypes.c_int32 * n),
+                    ("factors", ctypes.c_int32 * n)]
+
+    lib.adsc_schedule_parse.argtypes = [ctypes.c_char_p, ctypes.POINTER(CSchedule)]
+
+    def parse(text: str):
+        out = CSchedule()
+        if lib.adsc_schedule_parse(text.encode("utf-8"), ctypes.byref(out)) != 0:
+            return None
+        return tuple(zip(out.layers[: out.num_steps], out.factors[: out.num_steps]))
+
+    return parse
+
+
+_PIECES = ["0", "1", "2", "3", "4", "8", "9", "16", "999999999", "1234567890", "00", ":", ",",
+           " ", "\t", "\n", "\r", "\x0b", "\xa0", "-", "+", "_", "\uff18", "\u0661", "\u00b2",
+           "\u0663", "x", "\u2028"]
+
+
+@given(st.lists(st.sampled_from(_PIECES), max_size=24).map("".join))
+def test_python_and_c_parsers_agree(text):
+    c_result = _c_parser()(text)
+    try:
+        py_result = tuple((s.layer, s.factor) for s in Schedule.parse(text).steps)
+    except ScheduleError:
+        py_result = None
+    assert py_result == c_result, text
+
+
+@given(st.lists(st.tuples(st.integers(1, 10**9), st.sampled_from([2, 4])), max_size=20))
+def test_python_and_c_parsers_agree_on_well_formed_texts(pairs):
+    text = ",".join(f"{layer}:{factor}" for layer, factor in pairs)
+    c_result = _c_parser()(text)
+    try:
+        py_result = tuple((s.layer, s.factor) for s in Schedule.parse(text).steps)
+    except ScheduleError:
+        py_result = None
+    assert py_result == c_result, text

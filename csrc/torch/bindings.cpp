@@ -84,8 +84,20 @@ TORCH_LIBRARY_IMPL(adsc, CPU, m) {
 }
 
 // `import adsc_ext._C` loads this library, which registers the ops above.
+// Its module attributes are the core's limits, so Python reads them instead of copying them:
+//   MAX_STEPS            most steps of a schedule (adsc::kMaxSteps, ADSC_MAX_STEPS)
+//   PLAN_SUMMARY_HEADER  int32s before the per-stage (tokens, longest) pairs of a plan summary
+//   PLAN_MAX_TOKENS      most tokens (and sequences) of one plan
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "adsc torch ops (torch.ops.adsc)", -1,
                                nullptr, nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m == nullptr) return nullptr;
+  if (PyModule_AddIntConstant(m, "MAX_STEPS", adsc::kMaxSteps) != 0 ||
+      PyModule_AddIntConstant(m, "PLAN_SUMMARY_HEADER", adsc::kSummaryHeader) != 0 ||
+      PyModule_AddIntConstant(m, "PLAN_MAX_TOKENS", static_cast<long>(adsc::kPlanMaxTokens)) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }

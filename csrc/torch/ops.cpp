@@ -21,6 +21,44 @@ void throw_on_error(adsc::Status status) {
   }
 }
 
+// The core's token limit, checked before anything is converted, copied or allocated for a plan.
+void check_plan_tokens(int64_t num_tokens, const std::string& shape) {
+  TORCH_CHECK_VALUE(num_tokens >= 0 && num_tokens <= adsc::kPlanMaxTokens,
+                    "too many tokens: a plan takes at most ", adsc::kPlanMaxTokens,
+                    " tokens (its indices are int32), got ", num_tokens, shape);
+}
+
+// Bytes [first, last] a tensor's elements span (numel > 0); strides may be any sign.
+std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
+  int64_t lo = 0, hi = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    const int64_t reach = (t.size(d) - 1) * t.stride(d);
+    (reach < 0 ? lo : hi) += reach;
+  }
+  const auto base = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const int64_t esize = static_cast<int64_t>(t.element_size());
+  return {base + lo * esize, base + hi * esize + esize - 1};
+}
+
+// Whether two tensors may share bytes: the same storage and overlapping spans. Conservative for
+// interleaved views (torch's own overlap check gives up on non-dense tensors, "too hard").
+bool may_share_memory(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  if (!a.storage().is_alias_of(b.storage())) return false;
+  const auto [a_lo, a_hi] = byte_span(a);
+  const auto [b_lo, b_hi] = byte_span(b);
+  return a_lo <= b_hi && b_lo <= a_hi;
+}
+
+// Written tensors must not share memory with the tensors a call reads.
+void check_no_overlap(const char* op, const char* written_name, const at::Tensor& written,
+                      const char* read_name, const at::Tensor& read) {
+  TORCH_CHECK_VALUE(!may_share_memory(written, read), op, ": ", written_name, " and ", read_name,
+                    " share memory (", read_name, " is a view of ", written_name,
+                    " or overlaps it), so the result would depend on the order of the writes; "
+                    "pass a copy (", read_name, ".clone())");
+}
+
 void check_device(const char* name, const at::Tensor& t, const at::Device& device) {
   TORCH_CHECK_VALUE(t.device() == device, name, " must be on ", device, " like the other inputs, got ",
                     t.device());
@@ -58,6 +96,12 @@ void fill_images(adsc::PlanParams& p, const c10::optional<at::Tensor>& input_ids
   if (input_ids.has_value()) {
     TORCH_CHECK_VALUE(grid_h >= 1 && grid_w >= 1 && grid_h <= (1 << 15) && grid_w <= (1 << 15),
                       "grid must have positive sides, got ", grid_h, "x", grid_w);
+    // Checked here too: an empty input_ids has a NULL data pointer, which the core takes for
+    // "no input_ids" and then has no grid to check.
+    TORCH_CHECK_VALUE(adsc::grid_fits(static_cast<int>(grid_h), static_cast<int>(grid_w), p.factors,
+                                      p.num_steps),
+                      "the schedule cannot downsample a ", grid_h, "x", grid_w,
+                      " image grid: it would halve a side of length 1");
     *ids_keep = as_int64("input_ids", *input_ids);
     p.input_ids = ids_keep->data_ptr<int64_t>();
     p.image_token_id = image_token_id;
@@ -76,9 +120,9 @@ void fill_images(adsc::PlanParams& p, const c10::optional<at::Tensor>& input_ids
 PlanTensors run_plan(const Backend& backend, adsc::PlanParams& p, const at::Device& device) {
   const int64_t stages = p.num_steps + 1, T = p.num_tokens;
   // The sizes the core accepts, checked before anything is allocated for them.
-  TORCH_CHECK_VALUE(T >= 0 && T <= std::numeric_limits<int32_t>::max() / 2,
-                    "a plan takes 0 to ", std::numeric_limits<int32_t>::max() / 2,
-                    " tokens, got num_tokens=", T);
+  check_plan_tokens(T, "");
+  TORCH_CHECK_VALUE(p.batch_size <= adsc::kPlanMaxTokens, "a plan takes at most ",
+                    adsc::kPlanMaxTokens, " sequences, got ", p.batch_size);
   const auto i32 = at::TensorOptions().dtype(at::kInt).device(device);
   at::Tensor workspace = at::empty({adsc::plan_workspace_size(T, p.num_steps)}, i32);
   // Slots past a stage's size are filled like padding, so the outputs are fully determined.
@@ -149,10 +193,13 @@ PlanTensors stage_plan_packed(const Backend& backend, const c10::optional<at::Te
                               int64_t image_token_id, int64_t grid_h, int64_t grid_w,
                               at::IntArrayRef factors) {
   const at::Device device = cu_seqlens.device();
+  check_plan_tokens(num_tokens, "");
   TORCH_CHECK_TYPE(cu_seqlens.scalar_type() == at::kInt || cu_seqlens.scalar_type() == at::kLong,
                    "cu_seqlens must be int32 or int64, got ", cu_seqlens.scalar_type());
   TORCH_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1,
                     "cu_seqlens must be [B+1] with B >= 0, got shape ", cu_seqlens.sizes());
+  TORCH_CHECK_VALUE(cu_seqlens.numel() - 1 <= adsc::kPlanMaxTokens, "a plan takes at most ",
+                    adsc::kPlanMaxTokens, " sequences, got ", cu_seqlens.numel() - 1);
   if (input_ids.has_value()) {
     check_device("input_ids", *input_ids, device);
     TORCH_CHECK_VALUE(input_ids->dim() == 1 && input_ids->numel() == num_tokens,
@@ -188,6 +235,9 @@ PlanTensors stage_plan_padded(const Backend& backend, const c10::optional<at::Te
   TORCH_CHECK_TYPE(!at::isFloatingType(attention_mask.scalar_type()) &&
                    !at::isComplexType(attention_mask.scalar_type()),
                    "attention_mask must be bool or integer, got ", attention_mask.scalar_type());
+  // Before the mask is converted or made contiguous: an expanded [B, S] can claim terabytes.
+  check_plan_tokens(attention_mask.numel(), " (" + std::to_string(attention_mask.size(0)) + " x " +
+                                                std::to_string(attention_mask.size(1)) + ")");
   if (input_ids.has_value()) {
     check_device("input_ids", *input_ids, device);
     TORCH_CHECK_VALUE(input_ids->sizes() == attention_mask.sizes(), "input_ids ",
@@ -317,6 +367,12 @@ void write_paged_kv(const Backend& backend, const at::Tensor& key_in, const at::
                     key_in.sizes().slice(1), "], got ", key_cache.sizes(), " and ", value_cache.sizes());
   TORCH_CHECK_VALUE(key_cache.is_contiguous() && value_cache.is_contiguous(),
                     "key_cache and value_cache must be contiguous");
+  for (const auto& [cache_name, cache] : {std::pair<const char*, const at::Tensor*>{"key_cache", &key_cache},
+                                          {"value_cache", &value_cache}}) {
+    check_no_overlap("write_paged_kv", cache_name, *cache, "key", key_in);
+    check_no_overlap("write_paged_kv", cache_name, *cache, "value", value_in);
+  }
+  check_no_overlap("write_paged_kv", "key_cache", key_cache, "value_cache", value_cache);
   TORCH_CHECK_TYPE(slot_mapping_in.scalar_type() == at::kLong, "slot_mapping must be int64, got ",
                    slot_mapping_in.scalar_type());
   TORCH_CHECK_VALUE(slot_mapping_in.dim() == 1 && slot_mapping_in.size(0) == key_in.size(0),
