@@ -17,6 +17,7 @@ import json
 import sys
 from typing import Any, Optional, Sequence
 
+from adsc_ext import __version__
 from adsc_ext.accounting import PRESETS, format_section8, load_model_spec, plan_report
 from adsc_ext.schedule import LLAVA15_DEFAULT, Schedule, ScheduleError
 
@@ -50,6 +51,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _build_parser() -> _Parser:
     parser = _Parser(prog="adsc", description="ADSC (Attention-Driven Self-Compression) tools.")
+    parser.add_argument("--version", action="version", version=f"adsc {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{plan,generate,bench}")
 
     plan = commands.add_parser(

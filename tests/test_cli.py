@@ -138,7 +138,7 @@ def test_bad_config_file_gives_one_line_error(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("command, module", [("generate", "adsc_ext.hf.generate_cli"),
-                                             ("bench", "adsc_ext.runtime.bench_cli")])
+                                             ("bench", "adsc_ext.bench.cli")])
 def test_delegate_without_its_module_is_a_one_line_error(capsys, monkeypatch, command, module):
     monkeypatch.setitem(sys.modules, module, None)  # makes the import fail
     code, out, err = run(capsys, command, "--prompt", "hi")
@@ -147,7 +147,7 @@ def test_delegate_without_its_module_is_a_one_line_error(capsys, monkeypatch, co
 
 
 @pytest.mark.parametrize("command, module", [("generate", "adsc_ext.hf.generate_cli"),
-                                             ("bench", "adsc_ext.runtime.bench_cli")])
+                                             ("bench", "adsc_ext.bench.cli")])
 def test_delegate_dispatches_to_its_module(capsys, monkeypatch, command, module):
     seen = []
     fake = types.SimpleNamespace(
@@ -175,3 +175,95 @@ def test_module_entry_point():
     done = _adsc("plan", "--schedule", "8:3")
     assert done.returncode == 2
     assert done.stderr.startswith("adsc: error: ") and done.stderr.count("\n") == 1
+
+
+# ---- every documented failure path is one line, exit 2, no traceback (issue 14, D9) ------------
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    import adsc_ext
+
+    assert capsys.readouterr().out == f"adsc {adsc_ext.__version__}\n"
+    done = _adsc("--version")
+    assert (done.returncode, done.stdout) == (0, f"adsc {adsc_ext.__version__}\n")
+
+
+def _one_line_failure(code: int, out: str, err: str) -> str:
+    assert code == 2, (code, err)
+    assert out == ""
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    assert "Traceback" not in err
+    assert err.startswith(("adsc: error: ", "adsc generate: error: ")), err
+    return err
+
+
+def _generate_failures(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import importlib.util
+
+    not_a_dir = tmp_path / "weights.bin"
+    not_a_dir.write_bytes(b"\0")
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not an image")
+    cases = [
+        (["--device", "foo"], "--device 'foo': expected cpu, cuda or cuda:N"),
+        (["--device", "cuda:x"], "expected cpu, cuda or cuda:N"),
+        (["--device", "mps"], "expected cpu, cuda or cuda:N"),
+        (["--model", "/nonexistent/llava"], "--model /nonexistent/llava: no such directory"),
+        (["--model", str(not_a_dir)], "not a directory"),
+        (["--model", str(empty_dir)], "no config.json"),
+        (["--image", str(tmp_path)], "is a directory, not an image file"),
+        (["--image", "/no/such/file.png"], "no such file"),
+        (["--image", str(text_file), "--max-new-tokens", "1"], "notes.txt"),
+        (["--schedule", "9:2", "--max-new-tokens", "1"], "does not fit a model with 8 decoder layers"),
+        (["--schedule", "\u0661:\u0662"], "expected 'layer:factor'"),
+        (["--schedule", "1:\u00b2"], "expected 'layer:factor'"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--max-new-tokens", "many"], "invalid int value"),
+        (["--dtype", "foo"], "invalid choice"),
+        (["--attn", "flash"], "invalid choice"),
+        (["--random", "--model", "x"], "not allowed with"),
+        (["--bogus"], "unrecognized arguments"),
+        (["--prompt", "x" * 5000, "--max-new-tokens", "4"],
+         "tokens (images included) and --max-new-tokens is 4, but the model has 4096 positions"),
+    ]
+    if not torch.cuda.is_available():
+        why = "CPU-only build" if torch.version.cuda is None else "no CUDA GPU"
+        cases += [(["--device", "cuda"], why), (["--device", "cuda:0"], why)]
+    if importlib.util.find_spec("flash_attn") is None:
+        cases.append((["--attn", "flash_attention_2"], "needs the flash-attn package"))
+    return cases
+
+
+def test_generate_failure_paths_are_one_line_errors(capsys, tmp_path):
+    for argv, needle in _generate_failures(tmp_path):
+        err = _one_line_failure(*run(capsys, "generate", *argv))
+        assert needle in err, (argv, err)
+        assert err.count("does not fit") <= 1, err  # the schedule error does not repeat itself
+
+
+def test_generate_failure_through_the_console_entry_point():
+    pytest.importorskip("transformers")
+    for argv, needle in ((["--model", "/nonexistent/llava"], "no such directory"),):
+        done = _adsc("generate", *argv)
+        assert done.returncode == 2 and done.stdout == "", done.stderr
+        assert done.stderr.count("\n") == 1 and needle in done.stderr and "Traceback" not in done.stderr
+
+
+def test_plan_failure_paths_name_what_was_expected(capsys):
+    for argv, needle in ((["--schedule", "\u0661:\u0662"], "expected 'layer:factor'"),
+                         (["--schedule", "1:\u00b2"], "expected 'layer:factor'"),
+                         (["--schedule", "1234567890:2"], "at most 9 ASCII digits")):
+        err = _one_line_failure(*run(capsys, "plan", *argv))
+        assert needle in err
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    assert "default: 32" in " ".join(out.split())
