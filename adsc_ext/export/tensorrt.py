@@ -439,13 +439,21 @@ def _load_plugin(trt, path: Path) -> None:
             f"version {_plugin.PLUGIN_VERSION}")
 
 
+def _parser_error(err) -> str:
+    """One ParserError as text: its description and node (the binding has no __str__)."""
+    try:
+        return f"{err.desc()} (node {err.node()})"
+    except AttributeError:
+        return str(err)
+
+
 def _build_engine(trt, logger, onnx_path: Path, inputs, shapes, workspace_bytes: Optional[int],
                   allow_tf32: bool = False):
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        errors = "; ".join(_parser_error(parser.get_error(i)) for i in range(parser.num_errors))
         raise TensorRTBuildError(f"{onnx_path.name}: TensorRT's ONNX parser failed: {errors}")
     config = builder.create_builder_config()
     if workspace_bytes:
