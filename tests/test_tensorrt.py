@@ -161,7 +161,7 @@ def _identity_model_bytes() -> bytes:
 
 def write_folder(tmp_path, manifest=None, files=("vision.onnx", "prefill.onnx", "decode.onnx")):
     folder = tmp_path / "export"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     (folder / "adsc_manifest.json").write_text(json.dumps(manifest or make_manifest()))
     for f in files:
         (folder / f).write_bytes(_identity_model_bytes())
@@ -467,3 +467,184 @@ def test_trt_build_usage_errors_are_one_line(capsys):
     code = main(["trt-build", "--max-batch", "many", "x"])
     out, err = capsys.readouterr()
     assert code == 2 and err.startswith("adsc: error: ") and err.count("\n") == 1
+
+
+# ---- build_engines' TensorRT calls, against a recording stand-in of the tensorrt module -------------
+
+class _FakeTensorRT:
+    """The slice of the TensorRT Python API build_engines uses (10.x / 11.x names), recording calls.
+    The parser 'parses' a graph into the inputs the test gives for its file."""
+
+    __version__ = "11.1.0"
+
+    def __init__(self, network_inputs, fail_parse=()):
+        import types
+
+        self.calls = []
+        self.network_inputs = network_inputs   # file name -> [(name, shape with -1)]
+        self.fail_parse = set(fail_parse)
+        fake = self
+
+        class Logger:
+            WARNING = 2
+
+            def __init__(self, level):
+                fake.calls.append(("Logger", level))
+
+        class Registry:
+            def __init__(self):
+                self.loaded = []
+
+            def get_creator(self, name, version, namespace):
+                fake.calls.append(("get_creator", name, version, namespace))
+                return object() if self.loaded else None
+
+            def load_library(self, path):
+                fake.calls.append(("load_library", path))
+                self.loaded.append(path)
+                return object()
+
+        self.registry = Registry()
+
+        class Tensor:
+            def __init__(self, name, shape):
+                self.name, self.shape = name, shape
+
+        class Network:
+            def __init__(self, flags):
+                self.flags, self.inputs = flags, []
+
+            @property
+            def num_inputs(self):
+                return len(self.inputs)
+
+            def get_input(self, i):
+                return self.inputs[i]
+
+        class Parser:
+            def __init__(self, network, logger):
+                self.network, self.num_errors = network, 0
+
+            def parse_from_file(self, path):
+                name = Path(path).name
+                fake.calls.append(("parse", name))
+                if name in fake.fail_parse:
+                    self.num_errors = 1
+                    return False
+                self.network.inputs = [Tensor(n, s) for n, s in fake.network_inputs[name]]
+                return True
+
+            def get_error(self, i):
+                return types.SimpleNamespace(desc=lambda: "unsupported op Foo", node=lambda: 7)
+
+        class Profile:
+            def __init__(self):
+                self.shapes = {}
+
+            def set_shape(self, name, lo, opt, hi):
+                self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
+
+        class Config:
+            def __init__(self):
+                self.profiles, self.cleared, self.pools = [], [], {}
+
+            def set_memory_pool_limit(self, pool, size):
+                self.pools[pool] = size
+
+            def clear_flag(self, flag):
+                self.cleared.append(flag)
+
+            def add_optimization_profile(self, profile):
+                self.profiles.append(profile)
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                fake.last_network = Network(flags)
+                return fake.last_network
+
+            def create_builder_config(self):
+                fake.last_config = Config()
+                return fake.last_config
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                fake.calls.append(("build", [i.name for i in network.inputs]))
+                fake.configs.append(config)
+                return b"engine:" + ",".join(i.name for i in network.inputs).encode()
+
+        self.configs = []
+        self.Logger, self.Builder, self.OnnxParser = Logger, Builder, Parser
+        self.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=2)
+        self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
+        self.BuilderFlag = types.SimpleNamespace(TF32="tf32")
+
+    def get_plugin_registry(self):
+        return self.registry
+
+
+def _network_inputs(manifest):
+    return {spec["file"]: [(t["name"], [d if isinstance(d, int) else -1 for d in t["shape"]])
+                           for t in spec["inputs"]]
+            for spec in manifest["graphs"].values()}
+
+
+def _fake_build(tmp_path, monkeypatch, **kwargs):
+    manifest = export_manifest()
+    folder = write_folder(tmp_path, manifest, files=("vision.onnx", "embed.onnx", "prefill.onnx", "decode.onnx"))
+    lib = tmp_path / "libadsc_tensorrt.so"
+    lib.write_bytes(b"")
+    fake = _FakeTensorRT(_network_inputs(manifest), kwargs.pop("fail_parse", ()))
+    monkeypatch.setattr(trt_export, "import_tensorrt", lambda: fake)
+    lines = []
+    report = build_engines(folder, BuildLimits(max_batch=4, max_prompt=200, max_new_tokens=32),
+                           plugin_library=lib, log=lines.append, **kwargs)
+    return folder, fake, report, lines, lib
+
+
+def test_build_engines_drives_tensorrt(tmp_path, monkeypatch):
+    folder, fake, report, lines, lib = _fake_build(tmp_path, monkeypatch, workspace_bytes=2**30)
+    # Strongly typed networks, TF32 off, the workspace limit, one profile per engine.
+    assert fake.last_network.flags == 1 << 2
+    assert all(c.cleared == ["tf32"] and c.pools == {"workspace": 2**30} and len(c.profiles) == 1
+               for c in fake.configs)
+    # The plugin is loaded once, before the first parse, and checked through the registry.
+    kinds = [c[0] for c in fake.calls]
+    assert kinds.count("load_library") == 1 and kinds.index("load_library") < kinds.index("parse")
+    assert ("get_creator", "AdscCompactTokens", "1", "adsc") in fake.calls
+    # Every dynamic input got the manifest's ranges; static inputs none.
+    decode = fake.configs[3].profiles[0].shapes
+    assert decode["past_key_values.5.value"] == ((1, 2, 1, 16), (4, 2, 84, 16), (4, 2, 231, 16))
+    assert decode["inputs_embeds"] == ((1, 1, 64), (4, 1, 64), (4, 1, 64))
+    assert fake.configs[0].profiles[0].shapes == {"pixel_values": ((1, 3, 16, 16), (4, 3, 16, 16),
+                                                                   (48, 3, 16, 16))}
+    # Engines beside the ONNX files, the report beside them.
+    for name in ("vision", "embed", "prefill", "decode"):
+        e = report["engines"][name]
+        assert (folder / f"{name}.engine").read_bytes().startswith(b"engine:")
+        assert e["bytes"] == (folder / f"{name}.engine").stat().st_size
+        assert e["uses_plugin"] == (name == "prefill")
+    assert report["plugin_library"] == str(lib.resolve()) and report["tensorrt_version"] == "11.1.0"
+    assert json.loads((folder / "trt_build_report.json").read_text())["engines"]["decode"]["profile"][
+        "past_mask.2"] == {"min": [1, 1], "opt": [4, 84], "max": [4, 231]}
+    assert len(lines) == 8 and not list(folder.glob("*.tmp"))
+
+
+def test_build_engines_reports_parser_and_shape_mismatches(tmp_path, monkeypatch):
+    with pytest.raises(TensorRTBuildError, match=r"prefill.onnx: TensorRT's ONNX parser failed: "
+                                                 r"unsupported op Foo \(node 7\)"):
+        _fake_build(tmp_path / "a", monkeypatch, fail_parse={"prefill.onnx"}, graphs=["prefill"])
+    manifest = export_manifest()
+    inputs = _network_inputs(manifest)
+    inputs["embed.onnx"] = [("input_ids", [-1, -1, -1])]    # the graph and the manifest disagree
+    folder = write_folder(tmp_path / "b", manifest,
+                          files=("vision.onnx", "embed.onnx", "prefill.onnx", "decode.onnx"))
+    fake = _FakeTensorRT(inputs)
+    monkeypatch.setattr(trt_export, "import_tensorrt", lambda: fake)
+    with pytest.raises(TensorRTBuildError, match="'input_ids' is \\(-1, -1, -1\\) in the graph"):
+        build_engines(folder, graphs=["embed"], log=lambda line: None)
+    assert not list(folder.glob("*.engine"))
