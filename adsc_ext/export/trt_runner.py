@@ -56,6 +56,7 @@ class EngineGraph:
     def __init__(self, trt, runtime, path: Path, device: torch.device):
         self.path = Path(path)
         self.device = device
+        self.runtime = runtime  # kept: the runtime must outlive the engines it deserialized
         self.engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             raise TensorRTBuildError(
