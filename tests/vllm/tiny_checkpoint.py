@@ -11,7 +11,9 @@ model's image token id, a CLIP image processor at the tower's input size, and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+import gc
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -128,11 +130,80 @@ def random_image(seed: int, size=(24, 20)):
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
 
 
-def hf_greedy(model, processor, text: str, images, max_new_tokens: int) -> List[int]:
-    """transformers' greedy ``generate`` on one request; returns the new token ids."""
-    enc = processor(text=text, images=images or None, return_tensors="pt")
+@dataclass(frozen=True)
+class Request:
+    name: str
+    text: str
+    images: Tuple[int, ...]  # seeds of random_image
+    max_tokens: int
+
+    def pil_images(self):
+        return [random_image(s, (24 + 6 * s, 20 + 4 * s)) for s in self.images]
+
+    def vllm_prompt(self) -> dict:
+        p = {"prompt": self.text}
+        if self.images:
+            p["multi_modal_data"] = {"image": self.pil_images()}
+        return p
+
+
+#: Prompts of different lengths with 0, 1 and 2 images (adjacent images form one run of
+#: image tokens), finishing after different numbers of steps.
+REQUESTS = (
+    Request("text4", prompt([5, 6, 7, 8]), (), 10),
+    Request("img1", prompt([5, 6, 7, 8], 1), (1,), 6),
+    Request("img2", prompt([9, 10, 11], 2, image_at=[1, 3]), (2, 3), 12),
+    Request("text9", prompt(list(range(20, 29))), (), 3),
+    Request("img1_mid", prompt([30, 31, 32, 33, 34, 35, 36], 1, image_at=[4]), (4,), 8),
+    Request("img2_adjacent", prompt([40, 41], 2, image_at=[1, 1]), (5, 6), 5),
+)
+
+
+def load_hf(path, adsc: bool):
+    """transformers' LLaVA from ``path`` (with ``apply_adsc`` when ``adsc``), greedy-ready."""
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    model.generation_config.eos_token_id = None  # vLLM runs with ignore_eos
+    model.generation_config.pad_token_id = PAD
+    if adsc:
+        from adsc_ext import apply_adsc
+
+        apply_adsc(model)  # the schedule saved in config.adsc_schedule
+    return model
+
+
+def hf_greedy(model, processor, req: Request) -> List[int]:
+    """transformers' greedy ``generate`` on one request alone; returns the new token ids."""
+    enc = processor(text=req.text, images=req.pil_images() or None, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, min_new_tokens=max_new_tokens
-        )
+        out = model.generate(**enc, max_new_tokens=req.max_tokens, do_sample=False)
     return out[0, enc["input_ids"].shape[1]:].tolist()
+
+
+def greedy(max_tokens: int):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def make_llm(path, **kw):
+    """One in-process vLLM engine on the CPU backend, fp32, eager."""
+    from vllm import LLM
+
+    args = dict(
+        model=str(path), dtype="float32", enforce_eager=True, max_model_len=256,
+        limit_mm_per_prompt={"image": 2}, seed=0, kv_cache_memory_bytes=32 << 20,
+        distributed_executor_backend="uni", max_num_seqs=8,
+    )
+    args.update(kw)
+    return LLM(**args)
+
+
+def close_llm(llm) -> None:
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # best effort: the process ends anyway
+        pass
+    del llm
+    gc.collect()

@@ -16,7 +16,10 @@ release moves one of them):
    :class:`vllm.v1.attention.backend.CommonAttentionMetadata`;
 4. the per-architecture config hook ``vllm.model_executor.models.config.MODELS_CONFIG_MAP``
    (``VerifyAndUpdateConfig``), run in ``VllmConfig.__post_init__``, through which the plugin
-   switches off what ADSC cannot serve (prefix caching) before the scheduler exists.
+   switches off what ADSC cannot serve (prefix caching) before the scheduler exists;
+5. the multimodal processor factories vLLM's LLaVA registered (``_processor_factory``) and the
+   processed prompt's placeholders, so a request whose images are not whole grids is refused
+   when it is added (alone) instead of failing a whole engine step.
 """
 
 from __future__ import annotations
@@ -213,3 +216,17 @@ def register_config_hook(arch: str, hook: Callable[[object], None]) -> None:
 
     registry[arch] = AdscConfigHook
 
+
+
+# ---- 5. the multimodal processor ---------------------------------------------------------------
+def processor_factories(model_cls):
+    """``(processor, info, dummy_inputs)`` factories vLLM registered for ``model_cls`` (its
+    ``MULTIMODAL_REGISTRY.register_processor`` decorator), to register a wrapped processor for a
+    subclass with the same info and dummy inputs."""
+    factories = model_cls._processor_factory
+    return factories.processor, factories.info, factories.dummy_inputs
+
+
+def placeholder_lengths(mm_input, modality: str = "image"):
+    """Length of each ``modality`` item's placeholder in a processed prompt."""
+    return [int(r.length) for r in mm_input["mm_placeholders"].get(modality, [])]

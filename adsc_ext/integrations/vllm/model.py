@@ -36,6 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from vllm.logger import init_logger
+from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 
 from ...schedule import Schedule
@@ -44,7 +45,7 @@ from .config import llava_adsc_setup
 
 logger = init_logger(__name__)
 
-__all__ = ["AdscLlavaForConditionalGeneration", "AdscStages"]
+__all__ = ["AdscLlavaForConditionalGeneration", "AdscStages", "ImageGridError"]
 
 
 class AdscStages:
@@ -220,6 +221,48 @@ def _slots(block_table: torch.Tensor, req: torch.Tensor, idx: torch.Tensor, bloc
     return blocks * block_size + idx % block_size
 
 
+class ImageGridError(ValueError):
+    """A request's image is not a whole vision-token grid, which ADSC's plan needs."""
+
+
+_CHECKED_PROCESSORS: Dict[type, type] = {}
+
+
+def _checked_processor_class(base: type) -> type:
+    cls = _CHECKED_PROCESSORS.get(base)
+    if cls is None:
+
+        def apply(self, inputs, *args, **kwargs):
+            out = base.apply(self, inputs, *args, **kwargs)
+            setup = llava_adsc_setup(self.info.get_hf_config())
+            if setup is not None:
+                (h, w), per_image = setup[1], setup[1][0] * setup[1][1]
+                for i, n in enumerate(_compat.placeholder_lengths(out)):
+                    if n != per_image:
+                        raise ImageGridError(
+                            f"ADSC (adsc_schedule '{setup[0]}') needs every image to be a {h}x{w} "
+                            f"grid of vision tokens ({per_image}); image {i} of this request has "
+                            f"{n} (image embeddings of another size?)"
+                        )
+            return out
+
+        cls = type(f"Adsc{base.__name__}", (base,), {"apply": apply})
+        _CHECKED_PROCESSORS[base] = cls
+    return cls
+
+
+_PROCESSOR, _INFO, _DUMMY_INPUTS = _compat.processor_factories(LlavaForConditionalGeneration)
+
+
+def _adsc_processor(info, dummy_inputs, **kwargs):
+    """vLLM's LLaVA processor, refusing (per request, when it is added) images that are not
+    whole grids: a plan error inside a forward would fail every request of the step."""
+    proc = _PROCESSOR(info, dummy_inputs, **kwargs)
+    proc.__class__ = _checked_processor_class(type(proc))
+    return proc
+
+
+@MULTIMODAL_REGISTRY.register_processor(_adsc_processor, info=_INFO, dummy_inputs=_DUMMY_INPUTS)
 class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     """vLLM's LLaVA with ADSC when the HF config carries ``adsc_schedule`` (else vLLM's own)."""
 

@@ -1,0 +1,135 @@
+"""ADSC served by vLLM (CPU backend) against ADSC in transformers (``apply_adsc``).
+
+One engine for the module, on the checkpoint whose config carries ``adsc_schedule``: a whole
+batch is prefilled in one step (mixed lengths, 0/1/2 images), requests join while others decode,
+and a request with images that do not match its prompt fails alone.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tiny_checkpoint import NUM_LAYERS, REQUESTS, SCHEDULE, close_llm, greedy, make_llm, prompt
+
+pytest.importorskip("vllm")
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoints):
+    engine = make_llm(checkpoints["adsc"], enable_mm_embeds=True)
+    yield engine
+    close_llm(engine)
+
+
+def _stage_tokens(llm):
+    return llm.apply_model(lambda model: model.adsc.last_stage_tokens)[0]
+
+
+def test_plugin_serves_the_adsc_class(llm):
+    info = llm.apply_model(
+        lambda m: (type(m).__name__, str(m.adsc.schedule), m.adsc.stage_layer_names)
+    )[0]
+    cls, schedule, names = info
+    assert cls == "AdscLlavaForConditionalGeneration"
+    assert schedule == SCHEDULE
+    assert [len(n) for n in names] == [2, 2, 2] and sum(len(n) for n in names) == NUM_LAYERS
+    cfg = llm.llm_engine.vllm_config
+    assert cfg.cache_config.enable_prefix_caching is False  # switched off by the config hook
+    assert cfg.scheduler_config.disable_chunked_mm_input is True
+
+
+def test_batch_equals_hf_adsc(llm, hf_tokens):
+    """All requests in one generate call (one prefill step, then batched decode steps in which
+    requests finish at different steps) == transformers' ADSC on each request alone."""
+    outs = llm.generate([r.vllm_prompt() for r in REQUESTS], [greedy(r.max_tokens) for r in REQUESTS])
+    got = {r.name: list(o.outputs[0].token_ids) for r, o in zip(REQUESTS, outs)}
+    assert got == hf_tokens["adsc"]
+
+
+def test_one_image_request_compacts_each_stage(llm, hf_tokens):
+    req = next(r for r in REQUESTS if r.name == "img1")
+    outs = llm.generate([req.vllm_prompt()], [greedy(1)])
+    assert list(outs[0].outputs[0].token_ids) == hf_tokens["adsc"]["img1"][:1]
+    n = len(outs[0].prompt_token_ids)  # 16 image tokens + 5 text tokens
+    # 4x4 -> 4x2 -> 2x2 vision tokens: the prefill's stages hold n, n-8, n-12 tokens
+    assert _stage_tokens(llm) == [n, n - 8, n - 12]
+
+
+def test_kv_written_only_for_kept_tokens(llm, hf_tokens):
+    """Each stage's layers write K/V for the stage's tokens only: after one request of n prompt
+    tokens and k new ones, a stage-s layer holds n_s + k - 1 written slots (the last token's
+    K/V is never needed)."""
+    req = next(r for r in REQUESTS if r.name == "img2")
+
+    def clear(model):
+        for layer in model.language_model.model.layers:
+            layer.self_attn.attn.kv_cache.zero_()
+        return True
+
+    assert llm.apply_model(clear)[0]
+    outs = llm.generate([req.vllm_prompt()], [greedy(req.max_tokens)])
+    assert list(outs[0].outputs[0].token_ids) == hf_tokens["adsc"]["img2"]
+    n, k = len(outs[0].prompt_token_ids), req.max_tokens
+
+    def written(model):
+        # Tokens written = non-zero values / values per token (K and V of every KV head); this
+        # does not depend on how the CPU kernels tile a block (their layout is ISA-specific).
+        counts = []
+        for layer in model.language_model.model.layers:
+            attn = layer.self_attn.attn
+            per_token = 2 * attn.num_kv_heads * attn.head_size
+            nonzero = int((attn.kv_cache != 0).sum())
+            counts.append(nonzero / per_token)
+        return counts
+
+    counts = llm.apply_model(written)[0]
+    per_stage = [n, n - 2 * 8, n - 2 * 12]  # two images: 8 and 12 dropped tokens each
+    stage_of = [0, 0, 1, 1, 2, 2]
+    assert counts == [per_stage[s] + k - 1 for s in stage_of]
+
+
+def test_requests_joining_while_others_decode(llm, hf_tokens):
+    """Continuous batching: requests are added between engine steps, so prefill steps mix with
+    other requests' decode steps; each request gets what it gets alone."""
+    engine = llm.llm_engine
+    pending = list(REQUESTS)
+    got, steps = {}, 0
+    while pending or engine.has_unfinished_requests():
+        if pending and steps % 2 == 0:  # one new request every other step
+            r = pending.pop(0)
+            engine.add_request(r.name, r.vllm_prompt(), greedy(r.max_tokens))
+        for out in engine.step():
+            if out.finished:
+                got[out.request_id] = list(out.outputs[0].token_ids)
+        steps += 1
+        assert steps < 200
+    assert got == hf_tokens["adsc"]
+
+
+def test_request_with_mismatched_images_fails_alone(llm, hf_tokens):
+    """A request whose image embeddings are not a whole 4x4 grid is refused when it is added
+    (ADSC's check in the multimodal processor: inside a forward the plan would fail every request
+    of the step). The requests already running finish with their own tokens."""
+    engine = llm.llm_engine
+    good = [r for r in REQUESTS if r.name in ("img1", "text4")]
+    for r in good:
+        engine.add_request(r.name, r.vllm_prompt(), greedy(r.max_tokens))
+    engine.step()
+    bad = {"prompt": prompt([5, 6], 1), "multi_modal_data": {"image": torch.randn(1, 10, 128)}}
+    with pytest.raises(ValueError, match="4x4 grid of vision tokens"):
+        engine.add_request("bad", bad, greedy(4))
+    got = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                got[out.request_id] = list(out.outputs[0].token_ids)
+    assert got == {r.name: hf_tokens["adsc"][r.name] for r in good}
+
+
+def test_image_embeddings_of_a_whole_grid_are_served(llm):
+    embeds = torch.randn(1, 16, 128)
+    outs = llm.generate(
+        [{"prompt": prompt([5, 6], 1), "multi_modal_data": {"image": embeds}}], [greedy(3)]
+    )
+    assert len(outs[0].outputs[0].token_ids) == 3
