@@ -267,3 +267,32 @@ def test_help_shows_defaults(capsys):
         main(["generate", "--help"])
     out = capsys.readouterr().out
     assert "default: 32" in " ".join(out.split())
+
+
+# ---- the newcomer path (issue 14): two commands do all the set-up, and CI runs the second ------
+def _readme_commands():
+    readme = (REPO_ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    joined = [block.replace("\\\n", "") for block in blocks]
+    main_job = [b.strip() for b in joined if b.strip().endswith("&& adsc generate")]
+    tests = [b.strip() for b in joined if b.strip().endswith("python3 -m pytest -q") and "pip install" in b]
+    return main_job, tests
+
+
+def test_readme_has_the_two_commands_and_ci_runs_the_second():
+    main_job, tests = _readme_commands()
+    assert len(main_job) == 1 and len(tests) == 1, (main_job, tests)
+    setup = "python3 -m pip install torch setuptools cmake ninja && python3 -m pip install --no-build-isolation -e"
+    assert main_job[0].startswith(setup) and '".[hf]"' in main_job[0]
+    assert tests[0].startswith(setup) and '".[test]"' in tests[0]
+    install, run_tests = tests[0].split(" && cmake ", 1)
+    ci = (REPO_ROOT / ".ci" / "run").read_text().splitlines()
+    assert install in ci, "the README's test set-up line must be a line of .ci/run"
+    assert "cmake " + run_tests in ci, "the README's test command must be a line of .ci/run"
+    assert ci.index(install) < ci.index("cmake " + run_tests)
+
+
+def test_pillow_comes_with_the_hf_extra():
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
+    hf = re.search(r"^hf = \[(.*)\]$", pyproject, re.M).group(1)
+    assert re.search(r'"pillow[<>=!~]', hf, re.I)
