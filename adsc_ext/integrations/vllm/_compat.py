@@ -3,7 +3,7 @@
 vLLM's public extension points (``vllm.general_plugins``, ``ModelRegistry.register_model``,
 subclassing its ``LlavaForConditionalGeneration``) load the model. Running each ADSC stage on its
 own token layout needs four things vLLM has no public API for; they are here, written against
-vLLM 0.32 and checked by ``tests/vllm/test_compat.py`` (the contract test: it fails when a vLLM
+vLLM 0.32 and checked by ``tests/vllm_plugin/test_compat.py`` (the contract test: it fails when a vLLM
 release moves one of them):
 
 1. the per-forward :class:`vllm.forward_context.ForwardContext`: its ``attn_metadata`` and
@@ -30,7 +30,7 @@ from typing import Callable, Dict, Iterable, Iterator, Optional
 
 import torch
 
-#: The vLLM release this module is written against (``tests/vllm/test_compat.py`` checks it).
+#: The vLLM release this module is written against (``tests/vllm_plugin/test_compat.py`` checks it).
 TESTED_VLLM = "0.32"
 
 #: Fields of a layer's backend metadata the plugin reads (shared by vLLM's CPU_ATTN,

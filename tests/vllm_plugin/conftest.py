@@ -1,8 +1,9 @@
 """The vLLM plugin's tests: run on vLLM's CPU backend in their own venv (``.ci/run``'s vLLM step).
 
 They are not part of the main suite: ``python3 -m pytest`` (no path) does not collect them, so
-the main venv needs no vLLM. Name the folder to run them (``python -m pytest tests/vllm``); where
-vLLM is not installed they skip.
+the main venv needs no vLLM. Name the folder to run them (``python -m pytest tests/vllm_plugin``);
+where vLLM is not installed they skip. (The folder is not called ``vllm``: pytest puts ``tests/``
+on ``sys.path``, where a ``vllm`` folder would shadow a missing vLLM as a namespace package.)
 
 Each module that needs an engine loads one ``vllm.LLM`` (about a minute on 2 cores) in this
 process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, executor ``uni``), so a test can reach the model
