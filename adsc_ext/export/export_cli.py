@@ -58,7 +58,9 @@ def _random_model(seed: int, dtype):
 
 def _load_checkpoint(path: str, dtype):
     from transformers import AutoConfig, LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # errors stay one line on stderr
     if not Path(path).is_dir():
         raise FileNotFoundError(f"--model {path}: no such checkpoint directory")
     cfg = AutoConfig.from_pretrained(path)
@@ -114,7 +116,7 @@ def run(args) -> int:
     try:
         import torch
 
-        from .onnx_export import DEFAULT_OPSET, export_onnx, require_onnx
+        from .onnx_export import DEFAULT_OPSET, export_onnx, prepare_folder, require_onnx
         require_onnx()
     except ImportError as exc:
         return _fail(str(exc))
@@ -126,6 +128,7 @@ def run(args) -> int:
     if args.check_tokens < 1:
         return _fail(f"--check-tokens must be >= 1, got {args.check_tokens}")
     try:
+        prepare_folder(Path(args.out), args.force)  # before any model is loaded
         if args.model:
             model = _load_checkpoint(args.model, dtype)
             schedule = args.schedule

@@ -243,7 +243,8 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _prepare_folder(out_dir: Path, force: bool) -> None:
+def prepare_folder(out_dir: Path, force: bool) -> None:
+    """Refuse an output folder that holds something, unless ``force``."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
@@ -302,7 +303,7 @@ def export_onnx(model, out_dir, schedule=None, *, dtype=None, opset: int = DEFAU
     want = _resolve_dtype(dtype)
     have = next(model.parameters()).dtype
     out_dir = Path(out_dir)
-    _prepare_folder(out_dir, force)
+    prepare_folder(out_dir, force)
     if want is not None and want != have:
         model = copy.deepcopy(model).to(want)
     dt = want or have
@@ -340,8 +341,9 @@ def export_onnx(model, out_dir, schedule=None, *, dtype=None, opset: int = DEFAU
     pre_args = (torch.zeros(B, lens[0], D, dtype=dt), torch.ones(B, lens[0], dtype=torch.long),
                 torch.arange(lens[0]).expand(B, -1).contiguous(),
                 *(torch.zeros(B, lens[s], dtype=torch.int32) for s in range(1, n_st)))
-    pre_dyn = ({0: batch, 1: seq[0]}, {0: batch, 1: seq[0]}, {0: batch, 1: seq[0]},
-               tuple({0: batch, 1: seq[s]} for s in range(1, n_st)))
+    pre_dyn = ({0: batch, 1: seq[0]}, {0: batch, 1: seq[0]}, {0: batch, 1: seq[0]})
+    if n_st > 1:  # the *index varargs (none for the empty schedule)
+        pre_dyn += (tuple({0: batch, 1: seq[s]} for s in range(1, n_st)),)
     jobs.append(("prefill", PrefillGraph(model, spec, sched, stages, plugin=compaction == "plugin"), pre_args, pre_dyn,
                  ["inputs_embeds", "attention_mask", "position_ids", *idx_in], ["logits", *kv_names("present")],
                  {"inputs_embeds": "left-padded prompt embeddings with image features scattered in [batch, seq_stage0, hidden]",
@@ -405,6 +407,8 @@ def export_onnx(model, out_dir, schedule=None, *, dtype=None, opset: int = DEFAU
             "exporter": "torch.onnx.export(dynamo=True)",
             "versions": _versions(),
             "export_seconds": round(time.perf_counter() - t_all, 2),
+            # the example shapes the graphs were traced with (every one of them is a dynamic dim)
+            "traced_with": {"batch": B, "num_images": 2, "seq_stage": lens, "past_seq_stage": lens},
             "graphs": graphs,
         }
         if compaction == "plugin":

@@ -92,8 +92,13 @@ class OnnxRunner:
                 )
             if name == "prefill" and man["compaction"] == "plugin":
                 model_arg = _with_plugin_reference(path)
-            self.sessions[name] = ort.InferenceSession(model_arg, sess_options=session_options,
-                                                       providers=self.providers)
+            try:
+                self.sessions[name] = ort.InferenceSession(model_arg, sess_options=session_options,
+                                                           providers=self.providers)
+            except Exception as exc:  # onnxruntime's pybind errors (Fail, NotImplemented...) share no base
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ExportError(f"ONNX Runtime ({', '.join(map(str, self.providers))}) cannot load "
+                                  f"{path}: {first}") from exc
         self.stats: Dict[str, Any] = {}
 
     # ---- requests (the engine's rules and messages) ------------------------------------------------
@@ -165,7 +170,10 @@ class OnnxRunner:
                 if not return_exceptions:
                     raise
                 results[i] = exc
-        self.stats = {"prefill_batch": len(live), "decode_steps": 0, "stage_lengths": None}
+        # stage_lengths: the prefill batch's padded length per stage; prefill_kv_lengths / kv_lengths:
+        # every layer's cached length after prefill / after the last decode step
+        self.stats = {"prefill_batch": len(live), "decode_steps": 0, "stage_lengths": None,
+                      "prefill_kv_lengths": None, "kv_lengths": None}
         if not live:
             return results
         sample = dict(temperature=temperature, top_p=top_p, generator=generator,
@@ -234,6 +242,7 @@ class OnnxRunner:
         out = self.sessions["prefill"].run(None, feed)
         masks = [mask.numpy()] + [(st.source_index >= 0).to(torch.long).numpy() for st in plan.stages[1:]]
         self.stats["stage_lengths"] = [int(st.index.shape[1]) for st in plan.stages]
+        self.stats["prefill_kv_lengths"] = self.stats["kv_lengths"] = [int(k.shape[2]) for k in out[1::2]]
         self._pick(live, out[0], sample)
         return {"masks": masks, "kv": out[1:],
                 "pos": np.array([[s["ids"].numel()] for s in live], dtype=np.int64)}
@@ -247,6 +256,7 @@ class OnnxRunner:
             feed[f"past_key_values.{l}.key"] = state["kv"][2 * l]
             feed[f"past_key_values.{l}.value"] = state["kv"][2 * l + 1]
         out = self.sessions["decode"].run(None, feed)
+        self.stats["kv_lengths"] = [int(k.shape[2]) for k in out[1::2]]
         self._pick(live, out[0], sample)
         ones = np.ones((len(live), 1), dtype=np.int64)
         return {"masks": [np.concatenate([m, ones], axis=1) for m in state["masks"]], "kv": out[1:],
