@@ -421,6 +421,9 @@ def test_cuda_graph_decode_bookkeeping_on_cpu(monkeypatch, model):
     assert len({p[1:] for p in ptrs[:2]}) == 1 and len({p[1:] for p in ptrs[2:]}) == 1
     assert all(p[1] == p[3] for p in ptrs)  # the step reads the runner's static buffers
     assert len(captured) == 2 == eng.stats["graphs_captured"]
+    # padded rows stay at length 0 and position 0 (they write nothing and read one key)
+    runner = next(r for (b, _), r in eng._graphs.items() if b == 4)
+    assert runner.lens[0][3].item() == 0 and runner.pos[3].item() == 0 and not runner.valid[3]
     # A second call on the same (persistent) pool reuses the runners and their graphs.
     assert eng.generate(reqs2, max_new_tokens=7) == want
     assert len(captured) == 2

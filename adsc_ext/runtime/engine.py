@@ -95,6 +95,7 @@ class _DecodeBatch:
     lens: List[torch.Tensor]  # per stage, int32 [B]: tokens cached before this step's token
     block_tables: List[torch.Tensor]  # per stage, int32 [B, width]
     valid: Optional[torch.Tensor]  # bool [B]: real rows (None: all rows are real)
+    increment: Optional[torch.Tensor]  # int32 [B]: 1 for real rows, 0 for padding (None: all 1)
     max_lens: List[int]  # per stage, host: the longest cached length before this step
     pool: StagedKVPool
     runner: Optional["_GraphRunner"] = None
@@ -517,7 +518,7 @@ class Engine:
             return runner.load(rids, parts, widths, [max(x) for x in lens_host], pool, self)
         dev = self._upload(parts)
         return _DecodeBatch(rids, dev[0], dev[1], [t.to(torch.int32) for t in dev[2:2 + S]],
-                            [dev[2 + S + k].view(B, widths[k]).to(torch.int32) for k in range(S)], None,
+                            [dev[2 + S + k].view(B, widths[k]).to(torch.int32) for k in range(S)], None, None,
                             [max(x) for x in lens_host], pool)
 
     def _decode_step(self, pool: StagedKVPool, seqs: List[_Seq], sample) -> None:
@@ -528,9 +529,10 @@ class Engine:
             logits = state.runner.step(state)
         else:
             logits = self._decode_forward(state, full_width=False)
+        inc = 1 if state.increment is None else state.increment  # padded rows stay where they are
         for at in state.lens:
-            at.add_(1)
-        state.pos.add_(1)
+            at.add_(inc)
+        state.pos.add_(inc)
         state.max_lens = [m + 1 for m in state.max_lens]
         toks = self._pick(seqs, logits[: len(seqs)], sample)
         state.tokens[: len(seqs)].copy_(toks)
@@ -627,7 +629,7 @@ class _GraphRunner:
     decode step over them.
 
     Rows past the live batch are padding: their slots are -1 (they write nothing), their length
-    is 0 (so they attend to one key of block 0, which is finite) and their logits are dropped.
+    stays 0 (so they attend to one key of block 0, which is finite) and their logits are dropped.
     ``load`` copies a new batch's state into the buffers (one upload, then device copies), so
     every address the graph saw stays valid; a step updates them in place.
     """
@@ -640,6 +642,7 @@ class _GraphRunner:
         self.lens = [torch.zeros(batch, dtype=torch.int32, device=dev) for _ in range(S)]
         self.block_tables = [torch.zeros(batch, w, dtype=torch.int32, device=dev) for w in widths]
         self.valid = torch.zeros(batch, dtype=torch.bool, device=dev)
+        self.increment = torch.zeros(batch, dtype=torch.int32, device=dev)
         self.replay: Optional[Callable[[], None]] = None
         self.out: Optional[torch.Tensor] = None
         self.captures = 0
@@ -658,8 +661,9 @@ class _GraphRunner:
             self.lens[k][:B].copy_(dev[2 + k])
             self.block_tables[k][:B, : widths[k]].copy_(dev[2 + S + k].view(B, widths[k]))
         self.valid.copy_(torch.arange(self.batch, device=self.valid.device) < B)
+        self.increment.copy_(self.valid)
         return _DecodeBatch(list(rids), self.tokens, self.pos, self.lens, self.block_tables, self.valid,
-                            list(max_lens), pool, runner=self)
+                            self.increment, list(max_lens), pool, runner=self)
 
     def step(self, state: _DecodeBatch) -> torch.Tensor:
         eng = self.engine
