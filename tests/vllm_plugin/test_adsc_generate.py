@@ -17,7 +17,7 @@ pytest.importorskip("vllm")
 
 @pytest.fixture(scope="module")
 def llm(checkpoints):
-    engine = make_llm(checkpoints["adsc"], enable_mm_embeds=True)
+    engine = make_llm(checkpoints["adsc"], enable_mm_embeds=True, block_size=32)
     yield engine
     close_llm(engine)
 
@@ -75,18 +75,46 @@ def test_kv_written_only_for_kept_tokens(llm, hf_tokens):
     def written(model):
         # Tokens written = non-zero values / values per token (K and V of every KV head); this
         # does not depend on how the CPU kernels tile a block (their layout is ISA-specific).
-        counts = []
-        for layer in model.language_model.model.layers:
+        # With per-stage KV groups one tensor holds one layer of every stage (separate blocks).
+        per_tensor = {}
+        for i, layer in enumerate(model.language_model.model.layers):
             attn = layer.self_attn.attn
             per_token = 2 * attn.num_kv_heads * attn.head_size
-            nonzero = int((attn.kv_cache != 0).sum())
-            counts.append(nonzero / per_token)
-        return counts
+            key = attn.kv_cache.data_ptr()
+            layers, _ = per_tensor.get(key, ([], 0))
+            per_tensor[key] = (layers + [i], int((attn.kv_cache != 0).sum()) / per_token)
+        return list(per_tensor.values())
 
-    counts = llm.apply_model(written)[0]
     per_stage = [n, n - 2 * 8, n - 2 * 12]  # two images: 8 and 12 dropped tokens each
     stage_of = [0, 0, 1, 1, 2, 2]
-    assert counts == [per_stage[s] + k - 1 for s in stage_of]
+    tensors = llm.apply_model(written)[0]
+    assert sorted(i for layers, _ in tensors for i in layers) == list(range(NUM_LAYERS))
+    for layers, tokens in tensors:
+        assert tokens == sum(per_stage[stage_of[i]] + k - 1 for i in layers), (layers, tokens)
+
+
+def test_each_stage_has_its_own_kv_group(llm):
+    """Per-stage KV-cache groups: each stage's layers have their own block table, and a request
+    holds blocks for the stage's compacted length only (blocks of 32 tokens here)."""
+    from adsc_ext.integrations.vllm.kv_groups import AdscStageManager
+
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+    assert [type(m) for m in managers] == [AdscStageManager] * 3
+    assert [m.kv_cache_spec.adsc_stage for m in managers] == [0, 1, 2]
+    req = next(r for r in REQUESTS if r.name == "img2")  # 36 prompt tokens, two images
+    engine = llm.llm_engine
+    engine.add_request("kv", req.vllm_prompt(), greedy(2))
+    blocks = [0, 0, 0]
+    while engine.has_unfinished_requests():
+        engine.step()
+        # the only running request (the engine keeps its own id for it)
+        held = [max((len(b) for b in m.req_to_blocks.values()), default=0) for m in managers]
+        blocks = [max(a, b) for a, b in zip(blocks, held)]
+    assert all(not any(m.req_to_blocks.values()) for m in managers)  # freed
+    # stage lengths 36, 20, 12 -> 2, 1, 1 blocks of 32 (one group for all layers: 2 blocks of
+    # every layer; here 4 blocks of 2 layers each instead of 2 of 6: 8 vs 12 layer-blocks)
+    assert blocks == [2, 1, 1]
 
 
 def test_requests_joining_while_others_decode(llm, hf_tokens):

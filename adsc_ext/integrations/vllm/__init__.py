@@ -33,3 +33,9 @@ def register() -> None:
     for arch in ARCHITECTURES:
         ModelRegistry.register_model(arch, _MODEL)
         _compat.register_config_hook(arch, verify_and_update_config)
+    from .config import kv_groups_enabled
+
+    if kv_groups_enabled():
+        from . import kv_groups
+
+        kv_groups.register()

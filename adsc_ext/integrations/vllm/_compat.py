@@ -230,3 +230,19 @@ def processor_factories(model_cls):
 def placeholder_lengths(mm_input, modality: str = "image"):
     """Length of each ``modality`` item's placeholder in a processed prompt."""
     return [int(r.length) for r in mm_input["mm_placeholders"].get(modality, [])]
+
+
+# ---- 6. per-stage KV-cache groups ---------------------------------------------------------------
+def register_kv_cache_spec(spec_cls, manager_cls) -> None:
+    """Register ``spec_cls`` as its own grouping base with ``manager_cls`` (vLLM's
+    ``KVCacheSpecRegistry``, the registry its ``register_kv_cache_spec`` decorator fills). The
+    built-in specs are registered first: the registry fills itself lazily only while empty."""
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(spec_cls, manager_cls, uniform_type_base_spec=spec_cls)
+
+
+def single_type_managers(kv_cache_manager):
+    """The per-group managers of the scheduler's ``KVCacheManager``."""
+    return kv_cache_manager.coordinator.single_type_managers

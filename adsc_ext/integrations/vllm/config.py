@@ -25,7 +25,18 @@ from typing import Optional, Tuple
 
 from ...schedule import Schedule, ScheduleError
 
-__all__ = ["llava_adsc_setup", "verify_and_update_config"]
+__all__ = ["llava_adsc_setup", "verify_and_update_config", "kv_groups_enabled"]
+
+#: the scheduler that hands its requests to the per-stage KV managers (kv_groups.py)
+ADSC_SCHEDULER = "adsc_ext.integrations.vllm.kv_groups.AdscScheduler"
+
+
+def kv_groups_enabled() -> bool:
+    """Per-stage KV-cache groups (``ADSC_VLLM_KV_GROUPS``, default on; ``0`` keeps all stages in
+    vLLM's one group: the compute saving without the memory saving)."""
+    import os
+
+    return os.environ.get("ADSC_VLLM_KV_GROUPS", "1") != "0"
 
 
 def llava_adsc_setup(hf_config) -> Optional[Tuple[Schedule, Tuple[int, int], int]]:
@@ -101,4 +112,16 @@ def verify_and_update_config(vllm_config) -> None:
             "forward, which CUDA graphs and torch.compile of the staged loop do not support yet."
         )
         vllm_config.model_config.enforce_eager = True
+    if kv_groups_enabled() and schedule:
+        if sched.scheduler_cls not in (None, ADSC_SCHEDULER):
+            raise ValueError(
+                f"ADSC's per-stage KV-cache groups need scheduler_cls={ADSC_SCHEDULER!r}, got "
+                f"{sched.scheduler_cls!r} (set ADSC_VLLM_KV_GROUPS=0 to keep one KV group)"
+            )
+        sched.scheduler_cls = ADSC_SCHEDULER
+        if sched.disable_hybrid_kv_cache_manager:
+            raise ValueError(
+                "ADSC's per-stage KV-cache groups need the hybrid KV-cache manager "
+                "(disable_hybrid_kv_cache_manager is set; or set ADSC_VLLM_KV_GROUPS=0)"
+            )
     logger.info("ADSC: schedule '%s' (adsc_ext vLLM plugin)", schedule)

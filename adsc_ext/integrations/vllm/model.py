@@ -41,7 +41,7 @@ from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 
 from ...schedule import Schedule
 from . import _compat
-from .config import llava_adsc_setup
+from .config import kv_groups_enabled, llava_adsc_setup
 
 logger = init_logger(__name__)
 
@@ -72,7 +72,7 @@ class AdscStages:
         for i, a in enumerate(self.attn):
             self.stage_layer_names[self.stage_of_layer[i]].append(a.layer_name)
         self.boundaries: Dict[int, int] = {layer: s + 1 for s, layer in enumerate(schedule.layers)}
-        self._builder = None
+        self._builders: Dict[int, object] = {}
         self._dropped: Optional[torch.Tensor] = None  # int32 [blocks, stages]
         self._layout_checked = False
         #: the runner's multimodal mask of the coming forward (set by embed_input_ids)
@@ -81,11 +81,29 @@ class AdscStages:
         self.last_stage_tokens: Optional[List[int]] = None
 
     # ---- state -----------------------------------------------------------------------------
-    def _builder_for(self):
-        if self._builder is None:
-            names = [a.layer_name for a in self.attn]
-            self._builder = _compat.make_metadata_builder(self.attn[0], names, self.vllm_config)
-        return self._builder
+    def _builder_for(self, stage: int):
+        """The metadata builder for stage ``stage``'s layers (one KV-cache group)."""
+        if stage not in self._builders:
+            names = self.stage_layer_names[stage]
+            first = next(a for a in self.attn if a.layer_name == names[0])
+            self._builders[stage] = _compat.make_metadata_builder(first, names, self.vllm_config)
+        return self._builders[stage]
+
+    def use_stage_kv_groups(self) -> None:
+        """Give each stage's layers their own KV-cache spec (:mod:`.kv_groups`): vLLM then
+        keeps one block table per stage, sized by the stage's tokens."""
+        from . import kv_groups
+
+        per_stage = kv_groups.layer_specs(self.schedule, self.grid)
+        for i, attn in enumerate(self.attn):
+            s = self.stage_of_layer[i]
+            drop, image = per_stage[s]
+            own = attn.get_kv_cache_spec
+
+            def spec(vllm_config, _own=own, _s=s, _drop=drop, _image=image):
+                return kv_groups.stage_spec(_own(vllm_config), _s, _drop, _image)
+
+            attn.get_kv_cache_spec = spec
 
     def _dropped_table(self, first_blocks: torch.Tensor) -> torch.Tensor:
         need = _compat.num_kv_blocks(self.vllm_config)
@@ -161,16 +179,19 @@ class AdscStages:
 
         def stage_metadata(s: int):
             st = plan.stages[s]
+            # the stage's block table (its own KV-cache group, or the shared one)
+            md_s = _compat.layer_metadata(ctx, self.stage_layer_names[s][0])
+            blocks = _compat.batch_view(md_s).block_table if md_s is not None else view.block_table
             ctx_s = context - dropped[:, s]
             seq_s = ctx_s + st.seq_lens
             req = self._request_of_token(st.cu_seqlens, st.num_tokens)
             within = torch.arange(st.num_tokens, device=cu.device) - st.cu_seqlens.long()[req]
             idx = ctx_s.long()[req] + within
-            slots = _slots(view.block_table, req, idx, bs)
+            slots = _slots(blocks, req, idx, bs)
             md = _compat.build_stage_metadata(
-                self._builder_for(),
+                self._builder_for(s),
                 query_start_loc=st.cu_seqlens, seq_lens=seq_s.to(torch.int32),
-                block_table=view.block_table, slot_mapping=slots, num_tokens=st.num_tokens,
+                block_table=blocks, slot_mapping=slots, num_tokens=st.num_tokens,
                 max_query_len=st.max_seqlen, max_seq_len=view.max_seq_len,
             )
             return md, slots
@@ -273,6 +294,8 @@ class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if setup is not None:
             schedule, grid, _ = setup
             self.adsc = AdscStages(self.language_model.model, schedule, grid, vllm_config)
+            if kv_groups_enabled():
+                self.adsc.use_stage_kv_groups()
             logger.info("ADSC schedule '%s' on a %dx%d image grid", schedule, *grid)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None, **kw):
