@@ -615,6 +615,21 @@ def _require_cuda_graphs(device: torch.device) -> None:
         raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, it is on {device}")
 
 
+def _warmup(fn: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Run ``fn`` once before its capture; on CUDA on a side stream, as ``torch.cuda.graph``
+    advises (lazy initialisations such as cuBLAS workspaces then happen outside the capture)."""
+    if device.type != "cuda":
+        return fn()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        out = fn()
+    main = torch.cuda.current_stream(device)
+    main.wait_stream(side)
+    out.record_stream(main)  # made on the side stream, read on the main one
+    return out
+
+
 def _capture(fn: Callable[[], torch.Tensor], pool) -> Tuple[Callable[[], None], torch.Tensor]:
     """Capture ``fn`` (already warmed up) in a CUDA graph: ``(replay, output)``; ``output`` is
     the static tensor a replay rewrites. Tests on a CPU replace this with a plain call."""
@@ -672,7 +687,7 @@ class _GraphRunner:
             return eng._decode_forward(state, full_width=True)
 
         if self.replay is None:
-            out = fn()  # warm-up: also this step's result (it writes the same K/V a replay would)
+            out = _warmup(fn, eng.device)  # also this step's result (it writes the same K/V a replay would)
             if eng._graph_pool is None and eng.device.type == "cuda":
                 eng._graph_pool = torch.cuda.graph_pool_handle()
             self.replay, self.out = _capture(fn, eng._graph_pool)
