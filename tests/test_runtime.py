@@ -699,16 +699,14 @@ def test_cuda_bf16_engine_matches_fp32(block_size):
     against the fp32 SDPA engine. FlashAttention's accuracy rule: a backend's error against fp32 is
     at most twice that of the plain SDPA engine run in bf16. The first decode step (the paged cache)
     is compared with the bf16 SDPA engine's, on the rows where both picked the same first token."""
-    from transformers import LlavaForConditionalGeneration
-
-    from adsc_ext.hf.tiny import llava15_7b_config
+    from adsc_ext.hf.tiny import build_llava, llava15_7b_config
 
     cfg = llava15_7b_config()
     cfg.text_config.num_hidden_layers = 4
     torch.manual_seed(0)
     with torch.device("cuda"):
-        m32 = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32).eval()
-    m16 = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16).eval()
+        m32 = build_llava(cfg, attn_implementation="sdpa", dtype=torch.float32).eval()
+    m16 = build_llava(cfg, attn_implementation="sdpa", dtype=torch.bfloat16).eval()
     m16.load_state_dict(m32.state_dict())
     m16.cuda()
     g = torch.Generator().manual_seed(0)

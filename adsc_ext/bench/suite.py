@@ -63,13 +63,12 @@ def full_model_bytes(args, dtype: torch.dtype) -> int:
     """What the full-size run needs on the device, roughly: the weights (counted on the meta
     device, nothing allocated), the largest decode engines' pools (both at once, 256-token
     rounding) and 4 GiB for activations."""
-    from transformers import LlavaForConditionalGeneration
-
     from ..accounting import plan_report, spec_from_config
+    from ..hf.tiny import build_llava
 
     cfg = _full_config()
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration._from_config(cfg)
+        model = build_llava(cfg)
     elt = torch.empty((), dtype=dtype).element_size()
     weights = sum(p.numel() for p in model.parameters()) * elt
     new = args.new_tokens or 256
@@ -86,15 +85,13 @@ def full_model_bytes(args, dtype: torch.dtype) -> int:
 
 
 def _build_model(tiny: bool, device: torch.device, dtype: torch.dtype):
-    from transformers import LlavaForConditionalGeneration
-
-    from ..hf.tiny import tiny_llava
+    from ..hf.tiny import build_llava, tiny_llava
 
     if tiny:
         return tiny_llava(seed=0, grid_side=24, patch_size=2, num_layers=8, hidden_size=64,
                           attn_implementation="sdpa", dtype=dtype).to(device)
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(_full_config(), attn_implementation="sdpa", dtype=dtype)
+        model = build_llava(_full_config(), attn_implementation="sdpa", dtype=dtype)
     return model.eval()
 
 
