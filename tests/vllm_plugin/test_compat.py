@@ -15,6 +15,8 @@ import torch
 vllm = pytest.importorskip("vllm")
 
 from adsc_ext.integrations.vllm import _compat  # noqa: E402
+from adsc_ext.integrations.vllm.config import ADSC_SCHEDULER  # noqa: E402
+from adsc_ext.integrations.vllm.kv_groups import AdscScheduler  # noqa: E402
 
 
 def test_tested_release():
@@ -148,9 +150,53 @@ def test_engine_config_with_and_without_schedule(checkpoints, kind):
         assert cfg.cache_config.enable_prefix_caching is False
         assert cfg.scheduler_config.disable_chunked_mm_input is True
         assert cfg.model_config.enforce_eager is True
+        assert cfg.scheduler_config.scheduler_cls == ADSC_SCHEDULER
+        assert cfg.scheduler_config.get_scheduler_cls() is AdscScheduler
+        assert cfg.scheduler_config.disable_hybrid_kv_cache_manager is False
     else:
         assert cfg.cache_config.enable_prefix_caching is True
         assert cfg.model_config.enforce_eager is False
+        assert cfg.scheduler_config.scheduler_cls is None
+
+
+def test_stage_specs_make_one_kv_group_per_stage(checkpoints):
+    """vLLM's grouping (``get_kv_cache_groups``) puts each stage's layers in a group of its own
+    and each group gets the ADSC manager; a stage spec pickles (it crosses processes)."""
+    import pickle
+
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_groups
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from adsc_ext.integrations.vllm import kv_groups
+
+    kv_groups.register()
+    from vllm.v1.kv_cache_interface import KVCacheLayout
+
+    cfg = EngineArgs(model=str(checkpoints["adsc"]), dtype="float32", max_model_len=256).create_engine_config()
+    cfg.cache_config.kv_cache_layout = KVCacheLayout.LBHNC.name  # what the engine core resolves on CPU
+    base = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=32, dtype=torch.float32)
+    stage_of = [0, 0, 1, 1, 2, 2]
+    specs = {f"l{i}": kv_groups.stage_spec(base, s, [0, 8, 12][s], 16) for i, s in enumerate(stage_of)}
+    groups = get_kv_cache_groups(cfg, dict(specs))
+    assert sorted(sorted(g.layer_names) for g in groups) == [["l0", "l1"], ["l2", "l3"], ["l4", "l5"]]
+    assert sorted(type(g.kv_cache_spec).__name__ for g in groups) == [
+        "AdscStage0Spec", "AdscStage1Spec", "AdscStage2Spec"
+    ]
+    assert pickle.loads(pickle.dumps(specs["l4"])) == specs["l4"]
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    assert KVCacheSpecRegistry.get_manager_class(specs["l4"]) is kv_groups.AdscStageManager
+    assert KVCacheSpecRegistry.get_manager_class(base) is not kv_groups.AdscStageManager
+
+
+def test_compacted_length():
+    from adsc_ext.integrations.vllm.kv_groups import compacted_length
+
+    places = [(2, 16), (20, 32)]  # one image, then two adjacent ones
+    assert compacted_length(40, places, 8, 16) == 40 - 8  # the second run is not complete yet
+    assert compacted_length(52, places, 8, 16) == 52 - 24
+    assert compacted_length(52, places, 0, 16) == 52
 
 
 def test_engine_config_refuses_a_schedule_that_does_not_fit(checkpoints):
