@@ -16,7 +16,10 @@ plugin does not support:
 - eager execution: the plan reads its stage sizes on the host once per forward, which CUDA graph
   capture and torch.compile of the staged loop do not allow yet;
 - refused: pipeline parallelism, speculative decoding, LoRA and KV transfer (each assumes the
-  decoder runs every step's tokens through every layer).
+  decoder runs every step's tokens through every layer);
+- per-stage KV-cache groups (default; ``ADSC_VLLM_KV_GROUPS=0`` turns them off): the scheduler
+  becomes :class:`~adsc_ext.integrations.vllm.kv_groups.AdscScheduler`, which needs the hybrid
+  KV-cache manager.
 """
 
 from __future__ import annotations

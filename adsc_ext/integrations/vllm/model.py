@@ -24,9 +24,11 @@ first KV block (a block belongs to one running request while prefix caching is o
 plugin ensures), so a decode or a later prefill chunk knows where its tokens go in each stage's
 compacted sequence: token at position ``p`` sits at index ``p - dropped[s]`` of stage ``s``.
 
-KV memory: all stages share vLLM's one KV-cache group, so stage ``s`` uses only the first
-``L_s`` slots of a request's blocks. The compute is saved; the memory is allocated for the full
-length (README "vLLM": what per-stage KV-cache groups would need from vLLM).
+KV memory: by default each stage's layers are a KV-cache group of their own (:mod:`.kv_groups`):
+vLLM gives every group its own block table, and a request holds blocks for ``L_s`` tokens in
+stage ``s``'s group, so each stage's slots ``0 .. L_s - 1`` are computed from that group's block
+table. With ``ADSC_VLLM_KV_GROUPS=0`` all stages share vLLM's one group and stage ``s`` uses the
+first ``L_s`` slots of the request's blocks (compute saved, memory allocated for full length).
 """
 
 from __future__ import annotations
