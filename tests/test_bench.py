@@ -281,3 +281,30 @@ def test_bench_script_and_module_run_the_same_command(monkeypatch):
         runpy.run_path(str(Path(bench_cli.__file__).resolve().parents[2] / "benchmarks" / "bench.py"),
                        run_name="__main__")
     assert e.value.code == 0 and seen == [["bench", "--tiny"]]
+
+
+def test_decode_target_is_judged_on_the_paged_path(tmp_path, monkeypatch, capsys):
+    """With a backend that reads 256-token pages in place (flash-attn, here its recorded-signature
+    stand-ins from test_runtime), the decode engines take 256-token blocks, the record says
+    'paged' and the decode target gets a verdict; the prefill engines keep --block-size."""
+    import types
+
+    from adsc_ext.runtime import attention as A
+    from test_runtime import _flash_attn_varlen_func, _flash_attn_with_kvcache
+
+    fake = types.ModuleType("flash_attn")
+    fake.flash_attn_varlen_func = _flash_attn_varlen_func
+    fake.flash_attn_with_kvcache = _flash_attn_with_kvcache
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    monkeypatch.setattr(A, "_unavailable_reason", lambda name, device: None)
+    monkeypatch.setattr(suite, "applicability", lambda tiny, device, dtype: None)
+    rc, out, err = _bench([*SMALL, "--backend", "flash_attn", "--no-hf", "--no-fastv", "--out-dir", str(tmp_path)],
+                          capsys)
+    assert rc == 0, err
+    res = json.loads(next(tmp_path.glob("*.json")).read_text())
+    metrics = {r["metric"]: r for r in res["records"]}
+    c = metrics["decode_tokens_per_s_b2"]["config"]
+    assert (c["decode_path"], c["block_size"], c["backend"]) == ("paged", 256, "flash_attn")
+    assert metrics["ttft_seconds_b2"]["config"]["block_size"] == 16
+    t = {x["name"]: x for x in res["targets"]}["decode_speedup_b2"]
+    assert t["applies"] and t["status"] in ("met", "missed", "inconclusive")
