@@ -21,7 +21,7 @@ the size of one group's layers, instead of ``stages * ceil(L / block_size)``: th
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from vllm.v1.core.sched.scheduler import Scheduler

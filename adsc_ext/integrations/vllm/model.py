@@ -33,7 +33,7 @@ first ``L_s`` slots of the request's blocks (compute saved, memory allocated for
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -160,7 +160,7 @@ class AdscStages:
             return self._run_layers(hidden, positions, None)
 
         view = _compat.batch_view(md0)
-        T, B = view.num_tokens, view.num_reqs
+        T = view.num_tokens
         bs = int(self.vllm_config.cache_config.block_size)
         self._check_layout(view, positions, bs)
         cu = view.query_start_loc
