@@ -308,3 +308,25 @@ def test_decode_target_is_judged_on_the_paged_path(tmp_path, monkeypatch, capsys
     assert metrics["ttft_seconds_b2"]["config"]["block_size"] == 16
     t = {x["name"]: x for x in res["targets"]}["decode_speedup_b2"]
     assert t["applies"] and t["status"] in ("met", "missed", "inconclusive")
+
+
+def test_a_failed_cuda_graph_capture_is_recorded_and_decode_reruns_eager(tmp_path, monkeypatch, capsys):
+    """A capture that fails on the GPU must not cost the run: the error goes into the record and
+    decode is measured without graphs (here the capture is made to fail on the CPU)."""
+    from adsc_ext.runtime import engine as E
+
+    monkeypatch.setattr(suite, "graphs_supported", lambda device: True)
+    monkeypatch.setattr(E, "_require_cuda_graphs", lambda device: None)
+
+    def failing(fn, pool):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(E, "_capture", failing)
+    rc, out, err = _bench([*SMALL, "--cuda-graphs", "on", "--no-hf", "--no-fastv", "--out-dir", str(tmp_path)], capsys)
+    assert rc == 0, err
+    assert "CUDA-graph decode failed (RuntimeError: operation not permitted" in err
+    res = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert res["cuda_graphs"] is False and "not permitted" in res["cuda_graphs_error"]
+    for b in (2, 3):
+        c = {r["metric"]: r for r in res["records"]}[f"decode_tokens_per_s_b{b}"]["config"]
+        assert c["cuda_graphs"] is False and "not permitted" in c["cuda_graphs_error"]

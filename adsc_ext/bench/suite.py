@@ -144,6 +144,10 @@ def applicability(tiny: bool, device: torch.device, dtype: torch.dtype) -> Optio
     return None
 
 
+def graphs_supported(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
 class _Progress:
     def __init__(self, enabled: bool):
         self.enabled, self.t0, self.n = enabled, time.perf_counter(), 0
@@ -168,7 +172,7 @@ def run_suite(args, device: torch.device, dtype: torch.dtype, new_tokens: int, o
     prefill_batches = sorted(set(args.prefill_batches) | {args.prefill_batch})
     decode_batches = sorted(set(args.decode_batches) | {args.decode_batch})
     graphs = args.cuda_graphs == "on" or (args.cuda_graphs == "auto" and device.type == "cuda")
-    if graphs and device.type != "cuda":
+    if graphs and not graphs_supported(device):
         from .cli import BenchError
 
         raise BenchError("--cuda-graphs on needs a CUDA device")
