@@ -296,3 +296,16 @@ def test_pillow_comes_with_the_hf_extra():
     pyproject = (REPO_ROOT / "pyproject.toml").read_text()
     hf = re.search(r"^hf = \[(.*)\]$", pyproject, re.M).group(1)
     assert re.search(r'"pillow[<>=!~]', hf, re.I)
+
+
+def test_generate_out_of_memory_is_one_line(capsys, monkeypatch):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from adsc_ext.hf import generate_cli
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 26.00 GiB\nmore detail")
+
+    monkeypatch.setattr(generate_cli, "_random_model", no_memory)
+    err = _one_line_failure(*run(capsys, "generate", "--max-new-tokens", "1"))
+    assert "out of memory on cpu while loading the model (CUDA out of memory." in err

@@ -114,6 +114,7 @@ def run(args) -> int:
     from ..schedule import LLAVA15_DEFAULT, Schedule, ScheduleError
     from . import apply_adsc
 
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     device, problem = _resolve_device(torch, args.device)
     if problem:
         return _fail(problem)
@@ -189,6 +190,9 @@ def run(args) -> int:
                 f"the prompt, use fewer images or lower --max-new-tokens"
             )
         apply_adsc(model, schedule)
+    except oom as exc:
+        return _fail(f"out of memory on {device} while loading the model ({str(exc).splitlines()[0]}); "
+                     "try --dtype bfloat16 or a smaller model")
     except (OSError, ScheduleError, AdscModelError, ValueError) as exc:
         return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
@@ -213,6 +217,9 @@ def run(args) -> int:
                 generated.append(int(nxt))
             _sync(device)
             t_decode = time.perf_counter() - t1
+    except oom as exc:
+        return _fail(f"out of memory on {device} while generating ({str(exc).splitlines()[0]}); "
+                     "try a shorter prompt or lower --max-new-tokens")
     except (AdscInputError, ValueError) as exc:
         return _fail(str(exc).splitlines()[0])
 
