@@ -454,23 +454,32 @@ def test_cli_export_and_check(exported, tmp_path):
     assert "already exists" in err and "--force" in err
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    """Each bad input of ``adsc export`` is one line on stderr and exit status 2 (in-process, through
+    the CLI's entry point; the subprocess case above shows the same for the installed command)."""
+    from adsc_ext.cli import main
+
+    def error(*argv):
+        capsys.readouterr()  # drop what saving the checkpoints printed
+        code = main(["export", *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        return err
+
     ckpt = tmp_path / "ckpt"
     model = tiny_llava(grid_side=4, num_layers=2)
     model.config.vision_feature_select_strategy = "full"
     model.save_pretrained(ckpt)
-    assert "vision_feature_select_strategy" in _one_line_error(_adsc("export", "--model", str(ckpt), "--out",
-                                                                     str(tmp_path / "o1")))
+    assert "vision_feature_select_strategy" in error("--model", str(ckpt), "--out", str(tmp_path / "o1"))
     ok = tmp_path / "ok"
     tiny_llava(grid_side=4, num_layers=2).save_pretrained(ok)
-    assert "does not fit" in _one_line_error(_adsc("export", "--model", str(ok), "--schedule", "4:2",
-                                                   "--out", str(tmp_path / "o2")))
-    assert "bad schedule" in _one_line_error(_adsc("export", "--model", str(ok), "--schedule", "x",
-                                                   "--out", str(tmp_path / "o3")))
-    assert "no such checkpoint" in _one_line_error(_adsc("export", "--model", str(tmp_path / "none")))
+    assert "does not fit" in error("--model", str(ok), "--schedule", "4:2", "--out", str(tmp_path / "o2"))
+    assert "bad schedule" in error("--model", str(ok), "--schedule", "x", "--out", str(tmp_path / "o3"))
+    assert "no such checkpoint" in error("--model", str(tmp_path / "none"), "--out", str(tmp_path / "o4"))
     from transformers import LlamaConfig
 
     llama = tmp_path / "llama"
     LlamaConfig(num_hidden_layers=1).save_pretrained(llama)
-    assert "model_type 'llava'" in _one_line_error(_adsc("export", "--model", str(llama)))
-    assert not any((tmp_path / d).exists() for d in ("o1", "o2", "o3"))
+    assert "model_type 'llava'" in error("--model", str(llama), "--out", str(tmp_path / "o5"))
+    assert "--check-tokens" in error("--check-tokens", "0")
+    assert not any((tmp_path / d).exists() for d in ("o1", "o2", "o3", "o4", "o5"))
