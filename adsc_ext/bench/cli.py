@@ -13,7 +13,6 @@ is printed as an absolute path.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional

@@ -40,7 +40,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -504,7 +504,6 @@ def _kernel_records(args, model, eng, device, dtype, record, target) -> None:
                 "buffer of at least 4x the L2 (read + written)")
     target("compact_bandwidth_fraction", frac.median, 0.8, ">= 80 % of the device's copy bandwidth (buffers >= 4x L2)",
            min(frac), max(frac))
-    del x, out
 
     kvh, hd, bs = eng.num_kv_heads, eng.head_dim, args.block_size
     T = max(bs, math.ceil(size / (kvh * hd * elt)))
