@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..schedule import LLAVA15_DEFAULT, Schedule, ScheduleError, StageInfo
+from ..schedule import LLAVA15_DEFAULT, Schedule, StageInfo
 
 __all__ = [
     "AdscModelError",
@@ -194,19 +194,13 @@ def llava_spec(model) -> LlavaSpec:
 
 def resolve_schedule(config, schedule, num_layers: int, grid) -> Tuple[Schedule, List[StageInfo]]:
     """The schedule to run (the argument, else ``config.adsc_schedule``, else ``LLAVA15_DEFAULT``),
-    checked against the model: ``(schedule, stage infos)``. The ScheduleError names the model."""
+    checked against the model: ``(schedule, stage infos)``; ScheduleError if it does not fit."""
     if schedule is None:
         schedule = getattr(config, "adsc_schedule", None)
         if schedule is None:
             schedule = LLAVA15_DEFAULT
     sched = Schedule.coerce(schedule)
-    try:
-        return sched, sched.validate(num_layers, grid)
-    except ScheduleError as exc:
-        raise ScheduleError(
-            f"schedule '{sched}' does not fit this model ({num_layers} decoder layers, "
-            f"{grid[0]}x{grid[1]} image grid): {exc}"
-        ) from None
+    return sched, sched.validate(num_layers, grid)  # its ScheduleError names the layers or the grid
 
 
 # ---- images ----------------------------------------------------------------------------------
