@@ -112,7 +112,8 @@ def run(args) -> int:
         return _fail("the 'transformers' package is not installed (pip install transformers)")
     from ..models.llava import AdscInputError, AdscModelError, llava_spec
     from ..schedule import LLAVA15_DEFAULT, Schedule, ScheduleError
-    from . import apply_adsc
+    from ..sampling import pick_tokens
+    from . import adsc_setup, apply_adsc
 
     oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     device, problem = _resolve_device(torch, args.device)
@@ -203,7 +204,7 @@ def run(args) -> int:
             _sync(device)
             t0 = time.perf_counter()
             out = model(**inputs, use_cache=True, logits_to_keep=1)
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            nxt = pick_tokens(out.logits[:, -1])[:, None]
             _sync(device)
             t_prefill = time.perf_counter() - t0
             cache = out.past_key_values
@@ -213,7 +214,7 @@ def run(args) -> int:
             while len(generated) < args.max_new_tokens and generated[-1] not in eos_ids:
                 mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
                 out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
-                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                nxt = pick_tokens(out.logits[:, -1])[:, None]
                 generated.append(int(nxt))
             _sync(device)
             t_decode = time.perf_counter() - t1
@@ -233,7 +234,7 @@ def run(args) -> int:
     print(f"decode:  {t_decode * 1e3:.1f} ms for {n_dec} steps{rate}")
     lengths, nbytes = cache.layer_lengths(), cache.layer_nbytes()
     full = inputs["input_ids"].shape[1] + len(generated) - 1
-    stage_of = model._adsc.stage_of_layer
+    stage_of = adsc_setup(model).stage_of_layer
     print("KV cache per layer (tokens, bytes) -- ADSC vs unmodified:")
     print(f"{'layer':>5} {'stage':>5} {'adsc tok':>9} {'base tok':>9} {'adsc bytes':>12} {'base bytes':>12}")
     tot_a = tot_b = 0

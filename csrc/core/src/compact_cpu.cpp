@@ -138,17 +138,3 @@ Status scatter_add_rows_cpu(const ScatterAddRowsParams& p) noexcept {
 }
 
 }  // namespace adsc
-
-namespace adsc {
-
-int dtype_size(DType dtype) noexcept {
-  switch (dtype) {
-    case DType::kFloat32: return 4;
-    case DType::kFloat16: return 2;
-    case DType::kBFloat16: return 2;
-    case DType::kFloat64: return 8;
-  }
-  return 0;
-}
-
-}  // namespace adsc

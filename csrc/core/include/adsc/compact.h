@@ -31,7 +31,6 @@ Status gather_rows_cuda(const GatherRowsParams& params, int32_t* error_flag,
                         adsc_stream_t stream) noexcept;
 
 enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
-int dtype_size(DType dtype) noexcept;
 
 // dst[index[i]] += src[i] for every index[i] != -1 (duplicates accumulate): the backward of
 // compaction when dst starts as zeros. Strides in elements; rows hold row_elems elements.
