@@ -1,7 +1,7 @@
 // compact_tokens_plugin.h: the AdscCompactTokens TensorRT plugin (IPluginV3) and its creator.
 //
 // A thin adapter: every decision is a call into compact_tokens_rules.h, and enqueue is the core's
-// device compaction (adsc::gather_rows_cuda, as for the torch op) on TensorRT's stream. The plugin
+// device compaction (adsc::compact_tokens_cuda, as for the torch op) on TensorRT's stream. The plugin
 // is stateless (no fields, no workspace, nothing allocated); TensorRT finds the creator through
 // the library's exported getCreators() (end of compact_tokens_plugin.cpp), so the library does not link
 // libnvinfer. Built only with -DADSC_WITH_TENSORRT=ON -DTensorRT_INCLUDE_DIR=<dir> and CUDA.

@@ -98,7 +98,7 @@ Status parse_fields(const char* const* field_names, int32_t nb_fields) noexcept 
               kPluginName, nb_fields, name);
 }
 
-Status gather_params(const CompactCall& call, GatherRowsParams* params) noexcept {
+Status compact_params(const CompactCall& call, CompactTokensParams* params) noexcept {
   if (params == nullptr) return fail(Status::kInvalidArgument, "%s: null params", kPluginName);
   const int32_t elem = data_elem_size(call.type);
   if (elem == 0)
@@ -112,7 +112,7 @@ Status gather_params(const CompactCall& call, GatherRowsParams* params) noexcept
     return fail(Status::kInvalidArgument, "%s: row of %lld elements overflows", kPluginName,
                 static_cast<long long>(call.row_elems));
   const int64_t row_bytes = call.row_elems * elem;
-  GatherRowsParams p;
+  CompactTokensParams p;
   p.src = call.x;
   p.src_rows = call.x_rows;
   p.src_row_stride = row_bytes;
@@ -127,15 +127,15 @@ Status gather_params(const CompactCall& call, GatherRowsParams* params) noexcept
 }
 
 Status compact_tokens_device(const CompactCall& call, adsc_stream_t stream) noexcept {
-  GatherRowsParams p;
-  ADSC_RETURN_IF_ERROR(gather_params(call, &p));
-  return gather_rows_cuda(p, /*error_flag=*/nullptr, stream);
+  CompactTokensParams p;
+  ADSC_RETURN_IF_ERROR(compact_params(call, &p));
+  return compact_tokens_cuda(p, /*error_flag=*/nullptr, stream);
 }
 
 Status compact_tokens_host(const CompactCall& call) noexcept {
-  GatherRowsParams p;
-  ADSC_RETURN_IF_ERROR(gather_params(call, &p));
-  return gather_rows_cpu(p);
+  CompactTokensParams p;
+  ADSC_RETURN_IF_ERROR(compact_params(call, &p));
+  return compact_tokens_cpu(p);
 }
 
 }  // namespace trt

@@ -2,7 +2,7 @@
 //
 // The plugin (compact_tokens_plugin.h) is a thin adapter: TensorRT's interfaces call these rules
 // (names, type rule, format rule, shape rule, fields) and the launcher below, which fills the
-// core's GatherRowsParams and calls adsc::gather_rows_cuda, the launcher the torch op
+// core's CompactTokensParams and calls adsc::compact_tokens_cuda, the launcher the torch op
 // adsc::compact_tokens calls. This file and its .cpp build and are tested everywhere (ctest
 // tensorrt_rules.*); the adapter only where TensorRT's headers are given.
 //
@@ -99,7 +99,7 @@ struct CompactCall {
 };
 
 // The core's parameters for `call` (checks the type and sizes).
-Status gather_params(const CompactCall& call, GatherRowsParams* params) noexcept;
+Status compact_params(const CompactCall& call, CompactTokensParams* params) noexcept;
 
 // enqueue's body: the core's device compaction on `stream`, asynchronous, no allocation. An
 // index outside [-1, x_rows) gives a zero row (the kernel never reads out of bounds); there is

@@ -13,7 +13,7 @@ namespace {
 const adsc_torch::Backend& cuda_backend() {
   static const adsc_torch::Backend backend{
       &adsc::plan_cuda,
-      &adsc::gather_rows_cuda,
+      &adsc::compact_tokens_cuda,
       &adsc::scatter_add_rows_cuda,
       &adsc::write_paged_kv_cuda,
       [](const at::Device& device) {

@@ -284,7 +284,7 @@ void compact_tokens_out(const Backend& backend, const at::Tensor& x_in, const at
   at::assert_no_overlap(out, x_in);
   const at::Tensor x = as_rows(x_in, &row_bytes, &src_stride);
   const at::Tensor index = index_in.contiguous();
-  adsc::GatherRowsParams p;
+  adsc::CompactTokensParams p;
   p.src = x.data_ptr();
   p.src_rows = x.size(0);
   p.src_row_stride = src_stride;
@@ -301,7 +301,7 @@ void compact_tokens_out(const Backend& backend, const at::Tensor& x_in, const at
     TORCH_CHECK_INDEX(lo_v >= -1 && hi_v < p.src_rows, "compact: index values must be -1 "
                       "(padding) or in [0, ", p.src_rows, "), got values in [", lo_v, ", ", hi_v, "]");
   }
-  throw_on_error(backend.gather_rows(p, nullptr, backend.current_stream(device)));
+  throw_on_error(backend.compact_tokens(p, nullptr, backend.current_stream(device)));
 }
 
 at::Tensor compact_tokens(const Backend& backend, const at::Tensor& x, const at::Tensor& index,
@@ -405,7 +405,7 @@ void write_paged_kv(const Backend& backend, const at::Tensor& key_in, const at::
 const Backend& cpu_backend() {
   static const Backend backend{
       [](const adsc::PlanParams& p, adsc_stream_t) { return adsc::plan_cpu(p); },
-      [](const adsc::GatherRowsParams& p, int32_t*, adsc_stream_t) { return adsc::gather_rows_cpu(p); },
+      [](const adsc::CompactTokensParams& p, int32_t*, adsc_stream_t) { return adsc::compact_tokens_cpu(p); },
       [](const adsc::ScatterAddRowsParams& p, int32_t*, adsc_stream_t) {
         return adsc::scatter_add_rows_cpu(p);
       },

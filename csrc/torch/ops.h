@@ -15,7 +15,7 @@ namespace adsc_torch {
 
 struct Backend {
   adsc::Status (*plan)(const adsc::PlanParams&, adsc_stream_t);
-  adsc::Status (*gather_rows)(const adsc::GatherRowsParams&, int32_t* error_flag, adsc_stream_t);
+  adsc::Status (*compact_tokens)(const adsc::CompactTokensParams&, int32_t* error_flag, adsc_stream_t);
   adsc::Status (*scatter_add_rows)(const adsc::ScatterAddRowsParams&, int32_t* error_flag,
                                    adsc_stream_t);
   adsc::Status (*write_paged_kv)(const adsc::PagedKVParams&, int32_t* error_flag, adsc_stream_t);

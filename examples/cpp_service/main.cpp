@@ -419,10 +419,10 @@ void run_cuda(const Batch& batch, const Plan& host,
   hidden.push_back(std::make_unique<DeviceBuffer<float>>(host_hidden[0]));
   for (int s = 1; s < host.stages; ++s) {
     hidden.push_back(std::make_unique<DeviceBuffer<float>>(host_hidden[s].size()));
-    const adsc_compact_params c{hidden[s - 1]->ptr, host.tokens(s - 1), kHiddenRowBytes,
+    const adsc_compact_tokens_params c{hidden[s - 1]->ptr, host.tokens(s - 1), kHiddenRowBytes,
                                 hidden[s]->ptr, host.tokens(s), kHiddenRowBytes, kHiddenRowBytes,
                                 index.ptr + s * T, 0};
-    check(adsc_compact_device(&c, error_flag.ptr, stream), "adsc_compact_device");
+    check(adsc_compact_tokens_device(&c, error_flag.ptr, stream), "adsc_compact_tokens_device");
   }
   cuda_check(cudaStreamSynchronize(stream), "compaction");
   std::vector<std::vector<float>> dev_hidden{host_hidden[0]};
@@ -535,10 +535,10 @@ int main() {
     for (int64_t c = 0; c < kHidden; ++c) hidden[0][t * kHidden + c] = hidden_value(t, c);
   for (int s = 1; s < plan.stages; ++s) {
     hidden[s].assign(static_cast<size_t>(plan.tokens(s) * kHidden), -1.0f);
-    const adsc_compact_params c{hidden[s - 1].data(), plan.tokens(s - 1), kHiddenRowBytes,
+    const adsc_compact_tokens_params c{hidden[s - 1].data(), plan.tokens(s - 1), kHiddenRowBytes,
                                 hidden[s].data(), plan.tokens(s), kHiddenRowBytes,
                                 kHiddenRowBytes, plan.index.data() + s * plan.T, 0};
-    check(adsc_compact_host(&c), "adsc_compact_host");
+    check(adsc_compact_tokens_host(&c), "adsc_compact_tokens_host");
     const std::vector<int64_t>& want = expected[s].source;
     for (int32_t j = 0; j < plan.tokens(s); ++j) {
       bool same = j < static_cast<int32_t>(want.size());

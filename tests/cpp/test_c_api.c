@@ -103,7 +103,7 @@ static void null_pointers(void) {
   CHECK_FAILS(adsc_schedule_format(NULL, NULL, 0), ADSC_INVALID_ARGUMENT, "schedule must not be NULL");
   CHECK_FAILS(adsc_plan_host(NULL), ADSC_INVALID_ARGUMENT, "params must not be NULL");
   CHECK_FAILS(adsc_plan_device(NULL, NULL), ADSC_INVALID_ARGUMENT, "params must not be NULL");
-  CHECK_FAILS(adsc_compact_host(NULL), ADSC_INVALID_ARGUMENT, "params must not be NULL");
+  CHECK_FAILS(adsc_compact_tokens_host(NULL), ADSC_INVALID_ARGUMENT, "params must not be NULL");
   CHECK_FAILS(adsc_write_paged_kv_host(NULL), ADSC_INVALID_ARGUMENT, "params must not be NULL");
   make_plan(&f);
   f.p.schedule = NULL;
@@ -118,8 +118,8 @@ static void null_pointers(void) {
   CHECK_FAILS(adsc_plan_check_summary(NULL, &f.p), ADSC_INVALID_ARGUMENT, "host_summary must not be NULL");
   {
     float src[4] = {0}, dst[4] = {0};
-    adsc_compact_params c = {src, 2, 8, dst, 2, 8, 8, NULL, 0};
-    CHECK_FAILS(adsc_compact_host(&c), ADSC_INVALID_ARGUMENT, "index must not be null");
+    adsc_compact_tokens_params c = {src, 2, 8, dst, 2, 8, 8, NULL, 0};
+    CHECK_FAILS(adsc_compact_tokens_host(&c), ADSC_INVALID_ARGUMENT, "index must not be null");
   }
   {
     int64_t slots[1] = {0};
@@ -152,11 +152,11 @@ static void sizes_that_do_not_match(void) {
   {
     float src[6] = {1, 2, 3, 4, 5, 6}, dst[4] = {9, 9, 9, 9};
     int32_t index[2] = {0, 3}; /* src has 3 rows */
-    adsc_compact_params c = {src, 3, 8, dst, 2, 8, 8, index, 0};
-    CHECK_FAILS(adsc_compact_host(&c), ADSC_INDEX_OUT_OF_RANGE, "index[1] = 3 is out of range");
+    adsc_compact_tokens_params c = {src, 3, 8, dst, 2, 8, 8, index, 0};
+    CHECK_FAILS(adsc_compact_tokens_host(&c), ADSC_INDEX_OUT_OF_RANGE, "index[1] = 3 is out of range");
     CHECK(dst[0] == 9 && dst[3] == 9); /* nothing written */
     c.dst_row_stride = 4;
-    CHECK_FAILS(adsc_compact_host(&c), ADSC_INVALID_ARGUMENT, "at least the row size");
+    CHECK_FAILS(adsc_compact_tokens_host(&c), ADSC_INVALID_ARGUMENT, "at least the row size");
   }
   {
     uint16_t k[4] = {1, 2, 3, 4}, v[4] = {5, 6, 7, 8}, kc[8] = {0}, vc[8] = {0};
@@ -189,8 +189,8 @@ static void host_plan_compact_and_kv(void) {
     double hidden[T], out[6];
     int i;
     for (i = 0; i < T; ++i) hidden[i] = 100.0 + i;
-    adsc_compact_params c = {hidden, T, 8, out, 6, 8, 8, f.index + T, 0};
-    CHECK(adsc_compact_host(&c) == ADSC_OK);
+    adsc_compact_tokens_params c = {hidden, T, 8, out, 6, 8, 8, f.index + T, 0};
+    CHECK(adsc_compact_tokens_host(&c) == ADSC_OK);
     for (i = 0; i < 6; ++i) CHECK(out[i] == 100.0 + f.source[T + i]);
   }
 }
@@ -251,12 +251,12 @@ static void overflowing_sizes(void) {
     float src[4] = {1, 2, 3, 4}, dst[4] = {0};
     int32_t index[2] = {1, 0};
     int64_t slots[2] = {1, 0};
-    adsc_compact_params c = {src, 2, INT64_MAX, dst, 2, 8, 8, index, 0};
+    adsc_compact_tokens_params c = {src, 2, INT64_MAX, dst, 2, 8, 8, index, 0};
     adsc_paged_kv_params k = {src, src, 8, 8, dst, dst + 2, (int64_t)1 << 62, 2, 3, 8, slots};
-    CHECK_FAILS(adsc_compact_host(&c), ADSC_INVALID_ARGUMENT, "src");
+    CHECK_FAILS(adsc_compact_tokens_host(&c), ADSC_INVALID_ARGUMENT, "src");
     c.src_row_stride = 8;
     c.dst_row_stride = INT64_MAX;
-    CHECK_FAILS(adsc_compact_host(&c), ADSC_INVALID_ARGUMENT, "dst");
+    CHECK_FAILS(adsc_compact_tokens_host(&c), ADSC_INVALID_ARGUMENT, "dst");
     CHECK_FAILS(adsc_write_paged_kv_host(&k), ADSC_INVALID_ARGUMENT, "key_cache");
     k.cache_stride = 8;
     k.num_slots = 1;
@@ -286,8 +286,8 @@ static void enums_out_of_range(void) {
  * pointers, and overlapping source and destination rows. */
 static void null_misaligned_and_overlapping(void) {
   int32_t index[2] = {-1, -1};
-  adsc_compact_params c = {NULL, 0, 0, NULL, 2, 0, 0, index, 0};
-  CHECK(adsc_compact_host(&c) == ADSC_OK);
+  adsc_compact_tokens_params c = {NULL, 0, 0, NULL, 2, 0, 0, index, 0};
+  CHECK(adsc_compact_tokens_host(&c) == ADSC_OK);
   {
     plan_fixture f;
     int64_t ids[T + 1];
@@ -302,13 +302,13 @@ static void null_misaligned_and_overlapping(void) {
   {
     double rows[4] = {1, 2, 3, 4}, out[2] = {0};
     int32_t idx[3] = {1, 0, 0};
-    adsc_compact_params g = {rows, 4, 8, out, 2, 8, 8, (const char*)idx + 2, 0};
-    CHECK_FAILS(adsc_compact_host(&g), ADSC_INVALID_ARGUMENT, "index must be aligned to 4 bytes");
+    adsc_compact_tokens_params g = {rows, 4, 8, out, 2, 8, 8, (const char*)idx + 2, 0};
+    CHECK_FAILS(adsc_compact_tokens_host(&g), ADSC_INVALID_ARGUMENT, "index must be aligned to 4 bytes");
     g.index = idx;
     g.dst = rows + 1; /* dst rows 1..2 are src rows */
-    CHECK_FAILS(adsc_compact_host(&g), ADSC_INVALID_ARGUMENT, "overlap");
+    CHECK_FAILS(adsc_compact_tokens_host(&g), ADSC_INVALID_ARGUMENT, "overlap");
     g.dst = out;
-    CHECK(adsc_compact_host(&g) == ADSC_OK && out[0] == 2 && out[1] == 1);
+    CHECK(adsc_compact_tokens_host(&g) == ADSC_OK && out[0] == 2 && out[1] == 1);
   }
   {
     float cache[8] = {0}, vcache[8] = {0}, key[2] = {1, 2};
@@ -388,8 +388,8 @@ static void device_calls_without_gpu(void) {
     float src[2] = {0}, dst[2] = {0};
     int32_t index[1] = {0};
     int32_t flag = 0;
-    adsc_compact_params c = {src, 1, 8, dst, 1, 8, 8, index, 0};
-    st = adsc_compact_device(&c, &flag, NULL);
+    adsc_compact_tokens_params c = {src, 1, 8, dst, 1, 8, 8, index, 0};
+    st = adsc_compact_tokens_device(&c, &flag, NULL);
     CHECK(st == (adsc_cuda_compiled() ? ADSC_CUDA_ERROR : ADSC_NOT_COMPILED));
   }
 }

@@ -476,7 +476,7 @@ int64_t extent_bytes(int64_t rows, int64_t stride, int64_t row_bytes) {
 }
 
 void fuzz_compact(Rng& rng) {
-  adsc_compact_params c;
+  adsc_compact_tokens_params c;
   std::memset(&c, 0, sizeof(c));
   c.src_rows = rng.chance(95) ? rng.range(0, 9) : rng.pick(kHugeSizes);
   c.dst_rows = rng.chance(95) ? rng.range(0, 9) : rng.pick(kHugeSizes);
@@ -513,7 +513,7 @@ void fuzz_compact(Rng& rng) {
   }
   if (!backed) { c.src = nullptr; c.dst = nullptr; c.index = nullptr; }
   std::vector<unsigned char> before(dst_own.as<unsigned char>(), dst_own.as<unsigned char>() + dst_own.size());
-  const adsc_status st = checked(adsc_compact_host(&c));
+  const adsc_status st = checked(adsc_compact_tokens_host(&c));
   if (!backed) EXPECT(st != ADSC_OK || c.dst_rows == 0 || c.row_bytes == 0);
   const bool wrote_own = c.dst == dst_own.data() && c.dst != nullptr;
   if (st == ADSC_OK && backed && wrote_own) {  // the oracle: row by row
@@ -530,14 +530,14 @@ void fuzz_compact(Rng& rng) {
   if (misalign && c.index != nullptr && c.dst_rows > 0) EXPECT(st == ADSC_INVALID_ARGUMENT);
   // Device: refused without CUDA; with CUDA, NULL buffers only (refused unless nothing to do).
   if (!adsc_cuda_compiled()) {
-    EXPECT(checked(adsc_compact_device(&c, nullptr, nullptr)) == ADSC_NOT_COMPILED);
+    EXPECT(checked(adsc_compact_tokens_device(&c, nullptr, nullptr)) == ADSC_NOT_COMPILED);
   } else {
-    adsc_compact_params q = c;
+    adsc_compact_tokens_params q = c;
     q.src = nullptr; q.dst = nullptr; q.index = nullptr;
-    const adsc_status d = checked(adsc_compact_device(&q, nullptr, nullptr));
+    const adsc_status d = checked(adsc_compact_tokens_device(&q, nullptr, nullptr));
     EXPECT(d != ADSC_OK || q.dst_rows == 0);
   }
-  if (rng.chance(2)) EXPECT(checked(adsc_compact_host(nullptr)) == ADSC_INVALID_ARGUMENT);
+  if (rng.chance(2)) EXPECT(checked(adsc_compact_tokens_host(nullptr)) == ADSC_INVALID_ARGUMENT);
 }
 
 // ---- paged KV writes ------------------------------------------------------------------------------

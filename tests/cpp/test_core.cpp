@@ -528,11 +528,11 @@ void check_gather(int64_t row_bytes, int64_t src_stride, int64_t dst_stride, Rng
   for (auto& v : src) v = static_cast<uint8_t>(rng.next());
   std::vector<Index> index(dst_rows);
   for (auto& i : index) i = static_cast<Index>(rng.uniform(-1, src_rows - 1));
-  adsc::GatherRowsParams p;
+  adsc::CompactTokensParams p;
   p.src = src.data(); p.src_rows = src_rows; p.src_row_stride = src_stride;
   p.dst = dst.data(); p.dst_rows = dst_rows; p.dst_row_stride = dst_stride;
   p.row_bytes = row_bytes; p.index = index.data(); p.index_is_int64 = sizeof(Index) == 8;
-  CHECK_OK(adsc::gather_rows_cpu(p));
+  CHECK_OK(adsc::compact_tokens_cpu(p));
   for (int64_t i = 0; i < dst_rows; ++i)
     for (int64_t k = 0; k < dst_stride; ++k) {
       const uint8_t got = dst[i * dst_stride + k];
@@ -542,7 +542,7 @@ void check_gather(int64_t row_bytes, int64_t src_stride, int64_t dst_stride, Rng
     }
 }
 
-void gather_rows() {
+void compact_tokens_rows() {
   Rng rng(3);
   for (int64_t row_bytes : {1, 3, 8, 16, 40, 4096}) {
     check_gather<int32_t>(row_bytes, row_bytes, row_bytes, rng);
@@ -550,27 +550,27 @@ void gather_rows() {
   }
 }
 
-void gather_errors() {
+void compact_errors() {
   std::vector<float> src(4 * 2, 1.f), dst(3 * 2, 5.f);
   std::vector<int32_t> index = {0, -1, 4};
-  adsc::GatherRowsParams p;
+  adsc::CompactTokensParams p;
   p.src = src.data(); p.src_rows = 4; p.src_row_stride = 8;
   p.dst = dst.data(); p.dst_rows = 3; p.dst_row_stride = 8; p.row_bytes = 8;
   p.index = index.data();
-  CHECK_FAILS(adsc::gather_rows_cpu(p), adsc::Status::kIndexOutOfRange,
+  CHECK_FAILS(adsc::compact_tokens_cpu(p), adsc::Status::kIndexOutOfRange,
               "index[2] = 4 is out of range: expected -1 (padding) or 0 <= index < 4");
   for (float v : dst) CHECK(v == 5.f);  // nothing written
   index[2] = -2;
-  CHECK_FAILS(adsc::gather_rows_cpu(p), adsc::Status::kIndexOutOfRange, "index[2] = -2");
+  CHECK_FAILS(adsc::compact_tokens_cpu(p), adsc::Status::kIndexOutOfRange, "index[2] = -2");
   index[2] = 3;
   p.src_row_stride = 4;
-  CHECK_FAILS(adsc::gather_rows_cpu(p), adsc::Status::kInvalidArgument, "at least the row size");
+  CHECK_FAILS(adsc::compact_tokens_cpu(p), adsc::Status::kInvalidArgument, "at least the row size");
   p.src_row_stride = 8;
   p.index = nullptr;
-  CHECK_FAILS(adsc::gather_rows_cpu(p), adsc::Status::kInvalidArgument, "index must not be null");
+  CHECK_FAILS(adsc::compact_tokens_cpu(p), adsc::Status::kInvalidArgument, "index must not be null");
   p.index = index.data();
   p.dst_rows = -1;
-  CHECK_FAILS(adsc::gather_rows_cpu(p), adsc::Status::kInvalidArgument, "sizes must be >= 0");
+  CHECK_FAILS(adsc::compact_tokens_cpu(p), adsc::Status::kInvalidArgument, "sizes must be >= 0");
 }
 
 void scatter_add() {
@@ -807,23 +807,23 @@ int cuda_gather_matches_cpu() {
       for (auto& v : src) v = static_cast<uint8_t>(rng.next());
       std::vector<int32_t> index(dst_rows);
       for (auto& i : index) i = rng.uniform(-1, src_rows - 1);
-      adsc::GatherRowsParams p;
+      adsc::CompactTokensParams p;
       p.src_rows = src_rows; p.src_row_stride = stride; p.dst_rows = dst_rows;
       p.dst_row_stride = stride; p.row_bytes = row_bytes;
       std::vector<uint8_t> want = dst;
       p.src = src.data(); p.dst = want.data(); p.index = index.data();
-      CHECK_OK(adsc::gather_rows_cpu(p));
+      CHECK_OK(adsc::compact_tokens_cpu(p));
       uint8_t* d_src = to_device(src);
       uint8_t* d_dst = to_device(dst);
       int32_t* d_index = to_device(index);
       int32_t* d_flag = to_device(std::vector<int32_t>{0});
       p.src = d_src; p.dst = d_dst; p.index = d_index;
-      CHECK_OK(adsc::gather_rows_cuda(p, d_flag, nullptr));
+      CHECK_OK(adsc::compact_tokens_cuda(p, d_flag, nullptr));
       CHECK(to_host(d_dst, dst.size()) == want);
       CHECK(to_host(d_flag, 1)[0] == 0);
       index[3] = static_cast<int32_t>(src_rows);  // out of range: zero row + flag
       cudaMemcpy(d_index, index.data(), index.size() * 4, cudaMemcpyHostToDevice);
-      CHECK_OK(adsc::gather_rows_cuda(p, d_flag, nullptr));
+      CHECK_OK(adsc::compact_tokens_cuda(p, d_flag, nullptr));
       CHECK(to_host(d_flag, 1)[0] == 1);
       const auto got = to_host(d_dst, dst.size());
       for (int64_t k = 0; k < row_bytes; ++k) CHECK(got[3 * stride + k] == 0);
@@ -966,8 +966,8 @@ int main(int argc, char** argv) {
       {"plan_spans", [] { plan_spans(); return 0; }},
       {"plan_empty", [] { plan_empty(); return 0; }},
       {"plan_errors", [] { plan_errors(); return 0; }},
-      {"gather_rows", [] { gather_rows(); return 0; }},
-      {"gather_errors", [] { gather_errors(); return 0; }},
+      {"compact_tokens", [] { compact_tokens_rows(); return 0; }},
+      {"compact_errors", [] { compact_errors(); return 0; }},
       {"scatter_add", [] { scatter_add(); return 0; }},
       {"paged_kv", [] { paged_kv(); return 0; }},
       {"cuda_plan_matches_cpu", cuda_plan_matches_cpu},

@@ -77,8 +77,8 @@ adsc_status to_cpp(const char* function, const adsc_plan_params* c, adsc::PlanPa
   return ADSC_OK;
 }
 
-adsc::GatherRowsParams to_cpp(const adsc_compact_params& c) {
-  adsc::GatherRowsParams p;
+adsc::CompactTokensParams to_cpp(const adsc_compact_tokens_params& c) {
+  adsc::CompactTokensParams p;
   p.src = c.src;
   p.src_rows = c.src_rows;
   p.src_row_stride = c.src_row_stride;
@@ -182,15 +182,15 @@ adsc_status adsc_plan_check_summary(const int32_t* host_summary, const adsc_plan
   return st != ADSC_OK ? st : to_c(adsc::plan_summary_status(host_summary, p));
 }
 
-adsc_status adsc_compact_host(const adsc_compact_params* params) {
-  if (params == nullptr) return null_argument("adsc_compact_host", "params");
-  return to_c(adsc::gather_rows_cpu(to_cpp(*params)));
+adsc_status adsc_compact_tokens_host(const adsc_compact_tokens_params* params) {
+  if (params == nullptr) return null_argument("adsc_compact_tokens_host", "params");
+  return to_c(adsc::compact_tokens_cpu(to_cpp(*params)));
 }
 
-adsc_status adsc_compact_device(const adsc_compact_params* params, int32_t* error_flag,
+adsc_status adsc_compact_tokens_device(const adsc_compact_tokens_params* params, int32_t* error_flag,
                                 adsc_stream_t stream) {
-  if (params == nullptr) return null_argument("adsc_compact_device", "params");
-  return to_c(adsc::gather_rows_cuda(to_cpp(*params), error_flag, stream));
+  if (params == nullptr) return null_argument("adsc_compact_tokens_device", "params");
+  return to_c(adsc::compact_tokens_cuda(to_cpp(*params), error_flag, stream));
 }
 
 adsc_status adsc_write_paged_kv_host(const adsc_paged_kv_params* params) {

@@ -80,7 +80,7 @@ Status check_indices(const char* what, const Index* index, int64_t n, int64_t li
 }
 
 template <typename Index>
-Status gather(const GatherRowsParams& p) {
+Status gather(const CompactTokensParams& p) {
   const Index* index = static_cast<const Index*>(p.index);
   ADSC_RETURN_IF_ERROR(check_indices("compact", index, p.dst_rows, p.src_rows));
   if (p.row_bytes == 0) return Status::kOk;  // src and dst may be NULL: nothing to copy
@@ -127,8 +127,8 @@ Status scatter_add_typed(const ScatterAddRowsParams& p) {
 
 }  // namespace
 
-Status gather_rows_cpu(const GatherRowsParams& p) noexcept {
-  ADSC_RETURN_IF_ERROR(detail::check_gather_params(p));
+Status compact_tokens_cpu(const CompactTokensParams& p) noexcept {
+  ADSC_RETURN_IF_ERROR(detail::check_compact_params(p));
   return p.index_is_int64 ? gather<int64_t>(p) : gather<int32_t>(p);
 }
 

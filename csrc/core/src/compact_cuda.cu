@@ -20,7 +20,7 @@ constexpr int kBlockThreads = 256;
 constexpr int kMaxBlocks = 8192;  // grid-stride beyond this
 
 template <int Bytes, typename Index>
-__global__ void gather_rows_kernel(const char* __restrict__ src, int64_t src_rows,
+__global__ void compact_tokens_kernel(const char* __restrict__ src, int64_t src_rows,
                                    int64_t src_stride,         // bytes
                                    char* __restrict__ dst, int64_t dst_rows,
                                    int64_t dst_stride,         // bytes
@@ -45,16 +45,16 @@ __global__ void gather_rows_kernel(const char* __restrict__ src, int64_t src_row
 }
 
 template <int Bytes, typename Index>
-void launch_gather(const GatherRowsParams& p, int32_t* error_flag, cudaStream_t stream) {
+void launch_gather(const CompactTokensParams& p, int32_t* error_flag, cudaStream_t stream) {
   const int64_t vecs = p.row_bytes / Bytes;
   const dim3 block = detail::row_block(vecs);
-  gather_rows_kernel<Bytes, Index><<<detail::row_grid(p.dst_rows, block), block, 0, stream>>>(
+  compact_tokens_kernel<Bytes, Index><<<detail::row_grid(p.dst_rows, block), block, 0, stream>>>(
       static_cast<const char*>(p.src), p.src_rows, p.src_row_stride, static_cast<char*>(p.dst),
       p.dst_rows, p.dst_row_stride, vecs, static_cast<const Index*>(p.index), error_flag);
 }
 
 template <typename Index>
-void dispatch_gather(const GatherRowsParams& p, int32_t* error_flag, cudaStream_t stream) {
+void dispatch_gather(const CompactTokensParams& p, int32_t* error_flag, cudaStream_t stream) {
   const uintptr_t bits = reinterpret_cast<uintptr_t>(p.src) | reinterpret_cast<uintptr_t>(p.dst) |
                          static_cast<uintptr_t>(p.row_bytes) |
                          static_cast<uintptr_t>(p.src_row_stride) |
@@ -112,14 +112,14 @@ void dispatch_scatter_add(const ScatterAddRowsParams& p, int32_t* error_flag, cu
 
 }  // namespace
 
-Status gather_rows_cuda(const GatherRowsParams& p, int32_t* error_flag,
+Status compact_tokens_cuda(const CompactTokensParams& p, int32_t* error_flag,
                         adsc_stream_t stream) noexcept {
-  ADSC_RETURN_IF_ERROR(detail::check_gather_params(p));
+  ADSC_RETURN_IF_ERROR(detail::check_compact_params(p));
   if (p.dst_rows == 0 || p.row_bytes == 0) return Status::kOk;
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   if (p.index_is_int64) dispatch_gather<int64_t>(p, error_flag, s);
   else dispatch_gather<int32_t>(p, error_flag, s);
-  return detail::launch_status("gather_rows_cuda");
+  return detail::launch_status("compact_tokens_cuda");
 }
 
 Status scatter_add_rows_cuda(const ScatterAddRowsParams& p, int32_t* error_flag,

@@ -7,7 +7,7 @@
 namespace adsc {
 namespace detail {
 
-inline Status check_gather_params(const GatherRowsParams& p) {
+inline Status check_compact_params(const CompactTokensParams& p) {
   if (p.src_rows < 0 || p.dst_rows < 0 || p.row_bytes < 0)
     return fail(Status::kInvalidArgument, "compact: sizes must be >= 0 (src_rows=%lld, "
                 "dst_rows=%lld, row_bytes=%lld)", static_cast<long long>(p.src_rows),

@@ -14,8 +14,8 @@ Status not_compiled(const char* what) {
 }  // namespace
 
 Status plan_cuda(const PlanParams&, adsc_stream_t) noexcept { return not_compiled("plan_cuda"); }
-Status gather_rows_cuda(const GatherRowsParams&, int32_t*, adsc_stream_t) noexcept {
-  return not_compiled("gather_rows_cuda");
+Status compact_tokens_cuda(const CompactTokensParams&, int32_t*, adsc_stream_t) noexcept {
+  return not_compiled("compact_tokens_cuda");
 }
 Status scatter_add_rows_cuda(const ScatterAddRowsParams&, int32_t*, adsc_stream_t) noexcept {
   return not_compiled("scatter_add_rows_cuda");

@@ -222,16 +222,16 @@ int compaction_host() {
   // The parameters handed to the core: packed rows of D * element size bytes, int32 index.
   adsc::trt::CompactCall call;
   call.type = ElemType::kBFloat16; call.x_rows = 10; call.row_elems = 6; call.out_rows = 4;
-  adsc::GatherRowsParams p;
-  CHECK_OK(adsc::trt::gather_params(call, &p));
+  adsc::CompactTokensParams p;
+  CHECK_OK(adsc::trt::compact_params(call, &p));
   CHECK(p.row_bytes == 12 && p.src_row_stride == 12 && p.dst_row_stride == 12);
   CHECK(p.src_rows == 10 && p.dst_rows == 4 && !p.index_is_int64);
   // Errors: type, negative sizes, an index out of range (host path), null params.
   call.type = ElemType::kInt32;
-  CHECK_FAILS(adsc::trt::gather_params(call, &p), Status::kInvalidArgument, "got int32");
+  CHECK_FAILS(adsc::trt::compact_params(call, &p), Status::kInvalidArgument, "got int32");
   call.type = ElemType::kFloat32; call.out_rows = -1;
-  CHECK_FAILS(adsc::trt::gather_params(call, &p), Status::kInvalidArgument, "negative size");
-  CHECK_FAILS(adsc::trt::gather_params(call, nullptr), Status::kInvalidArgument, "null params");
+  CHECK_FAILS(adsc::trt::compact_params(call, &p), Status::kInvalidArgument, "negative size");
+  CHECK_FAILS(adsc::trt::compact_params(call, nullptr), Status::kInvalidArgument, "null params");
   std::vector<float> x(4 * 2, 1.0f), out(2 * 2, 0.0f);
   std::vector<int32_t> index = {1, 4};
   call.x = x.data(); call.x_rows = 4; call.row_elems = 2; call.out_rows = 2;

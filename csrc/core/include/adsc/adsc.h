@@ -4,7 +4,7 @@
  * decoder layers. This library provides the data movement around the attention calls:
  *   - schedules: parse, format, validate against a model (adsc_schedule_*);
  *   - the plan: re-indexing of a batch for every stage of a schedule (adsc_plan_*);
- *   - compaction: gather of token rows by a stage index (adsc_compact_*);
+ *   - compaction: gather of token rows by a stage index (adsc_compact_tokens_*);
  *   - paged KV writes: new K/V rows into a paged cache at slot indices (adsc_write_paged_kv_*).
  *
  * Conventions
@@ -181,7 +181,7 @@ ADSC_API adsc_status adsc_plan_check_summary(const int32_t* host_summary,
  * src and dst must not overlap. When row_bytes is 0, src and dst may be NULL.
  * Any other index outside [0, src_rows) is an error: the host call reports it before writing; the
  * device call writes a zero row and sets *error_flag = 1 (when error_flag is not NULL). */
-typedef struct adsc_compact_params {
+typedef struct adsc_compact_tokens_params {
   const void* src;        /* [src_rows, row_bytes], row stride src_row_stride bytes */
   int64_t src_rows;
   int64_t src_row_stride;
@@ -191,10 +191,10 @@ typedef struct adsc_compact_params {
   int64_t row_bytes;
   const void* index;      /* [dst_rows] int32, or int64 when index_is_int64 */
   int32_t index_is_int64;
-} adsc_compact_params;
+} adsc_compact_tokens_params;
 
-ADSC_API adsc_status adsc_compact_host(const adsc_compact_params* params);
-ADSC_API adsc_status adsc_compact_device(const adsc_compact_params* params, int32_t* error_flag,
+ADSC_API adsc_status adsc_compact_tokens_host(const adsc_compact_tokens_params* params);
+ADSC_API adsc_status adsc_compact_tokens_device(const adsc_compact_tokens_params* params, int32_t* error_flag,
                                          adsc_stream_t stream);
 
 /* ---- Paged KV writes ------------------------------------------------------------------------- */

@@ -14,7 +14,7 @@
 
 namespace adsc {
 
-struct GatherRowsParams {
+struct CompactTokensParams {
   const void* src = nullptr;     // [src_rows, row_bytes] with row stride src_row_stride
   int64_t src_rows = 0;
   int64_t src_row_stride = 0;    // bytes
@@ -26,8 +26,8 @@ struct GatherRowsParams {
   bool index_is_int64 = false;
 };
 
-Status gather_rows_cpu(const GatherRowsParams& params) noexcept;
-Status gather_rows_cuda(const GatherRowsParams& params, int32_t* error_flag,
+Status compact_tokens_cpu(const CompactTokensParams& params) noexcept;
+Status compact_tokens_cuda(const CompactTokensParams& params, int32_t* error_flag,
                         adsc_stream_t stream) noexcept;
 
 enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
