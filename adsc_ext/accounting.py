@@ -340,7 +340,7 @@ def plan_report(
     for info in stage_infos:
         tokens = text_tokens + images * info.tokens_per_image
         stages.append({
-            "stage": info.index,
+            "stage": info.stage,
             "first_layer": info.first_layer,
             "last_layer": info.end_layer - 1,
             "grid": list(info.grid),

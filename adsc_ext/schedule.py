@@ -116,9 +116,10 @@ class Step:
 
 @dataclass(frozen=True)
 class StageInfo:
-    """One stage of a validated schedule: layers ``[first_layer, end_layer)`` share one layout."""
+    """One stage of a validated schedule: layers ``[first_layer, end_layer)`` share one layout;
+    ``stage`` is its number (0: the unmodified layout)."""
 
-    index: int
+    stage: int
     first_layer: int
     end_layer: int
     grid: Grid

@@ -70,7 +70,7 @@ class _Decoder(nn.Module):
         self.schedule = schedule
         self.num_stages = len(stages)
         self.stage_of_layer = [schedule.stage_of_layer(l) for l in range(spec.num_layers)]
-        self.boundaries = {st.first_layer: st.index for st in stages[1:]}
+        self.boundaries = {st.first_layer: st.stage for st in stages[1:]}
         self.gqa = spec.num_heads != spec.num_kv_heads
 
     def attend(self, layer, h, cos, sin, mask, past=None):

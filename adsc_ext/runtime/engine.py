@@ -138,7 +138,7 @@ class Engine:
         self.num_layers = spec.num_layers
         self.tokens_per_image = spec.tokens_per_image
         self.stage_of_layer = [self.schedule.stage_of_layer(l) for l in range(self.num_layers)]
-        self.boundaries = {st.first_layer: st.index for st in self.stages[1:]}
+        self.boundaries = {st.first_layer: st.stage for st in self.stages[1:]}
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.attention = Attention(backend, self.device, block_size=self.block_size)
