@@ -52,7 +52,7 @@ class _Parser(argparse.ArgumentParser):
 def _build_parser() -> _Parser:
     parser = _Parser(prog="adsc", description="ADSC (Attention-Driven Self-Compression) tools.")
     parser.add_argument("--version", action="version", version=f"adsc {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{plan,generate,bench}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(["plan", *_DELEGATED]) + "}")
 
     plan = commands.add_parser(
         "plan",

