@@ -482,6 +482,9 @@ def test_errors():
     with pytest.raises(AdscInputError, match="split across prefill chunks"):
         model(input_ids=ids[:, :10], use_cache=True)
     out = model(input_ids=ids[:, :2], use_cache=True)
+    with pytest.raises(AdscInputError, match="holds image tokens but no pixel_values"):
+        model(input_ids=ids[:, 2:18], attention_mask=torch.ones(1, 18, dtype=torch.long),
+              past_key_values=out.past_key_values)
     with pytest.raises(AdscInputError, match="split across prefill chunks"):
         model(input_ids=ids[:, 2:10], attention_mask=torch.ones(1, 10, dtype=torch.long),
               past_key_values=out.past_key_values, pixel_values=images(1, 4))
@@ -508,6 +511,39 @@ def test_apply_is_idempotent_and_leaves_the_model_class_and_names():
     assert not is_adsc_model(model) and not hasattr(model.config, "adsc_schedule")
     with torch.no_grad():
         torch.testing.assert_close(model(**inp).logits, plain(**inp).logits)
+
+
+def test_loss_is_the_first_output_and_threads_keep_their_own_state():
+    import threading
+
+    model = _adsc(4, "eager", "2:2,4:2")
+    inp = batch(model, ROWS_MIXED)
+    labels = _labels(inp, model.config.image_token_id)
+    with torch.no_grad():
+        out = model(**inp, labels=labels)
+        assert list(out.keys())[0] == "loss" and out[0] is out.loss and out.to_tuple()[0] is out.loss
+        assert torch.equal(model(**inp, labels=labels, return_dict=False)[0], out.loss)
+        one = {"input_ids": inp["input_ids"][1:2], "attention_mask": inp["attention_mask"][1:2]}
+        ref_batch, ref_one = model(**inp).logits, model(**one).logits
+    results, errors = {}, []
+
+    def run(name, kw, n=4):
+        try:
+            with torch.no_grad():
+                results[name] = [model(**kw).logits for _ in range(n)]
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=("batch", inp)), threading.Thread(target=run, args=("one", one))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for got in results["batch"]:
+        torch.testing.assert_close(got, ref_batch)
+    for got in results["one"]:
+        torch.testing.assert_close(got, ref_one)
 
 
 def test_pickle_and_torch_save_roundtrip(tmp_path):

@@ -166,6 +166,8 @@ class OnnxRunner:
         for i, req in enumerate(requests):
             try:
                 live.append(self._check(i, req, max_new_tokens))
+                if not return_logits:
+                    live[-1]["logits"] = None  # keep no per-step scores nobody asked for
             except AdscInputError as exc:
                 if not return_exceptions:
                     raise
@@ -209,7 +211,8 @@ class OnnxRunner:
 
         picked = pick_tokens(torch.from_numpy(logits), **sample).numpy()
         for s, row, t in zip(live, logits, picked):
-            s["logits"].append(row.copy())
+            if s["logits"] is not None:
+                s["logits"].append(row.copy())
             s["tokens"].append(int(t))
         return picked
 

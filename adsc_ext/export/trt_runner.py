@@ -190,7 +190,8 @@ class TensorRTRunner(OnnxRunner):
 
         picked = pick_tokens(logits, **sample)
         for s, row, t in zip(live, logits, picked.tolist()):  # the one read-back per step
-            s["logits"].append(row)
+            if s["logits"] is not None:
+                s["logits"].append(row)
             s["tokens"].append(int(t))
         return picked
 
@@ -230,14 +231,14 @@ class TensorRTRunner(OnnxRunner):
         out = self._run("prefill", feed)
         masks = [mask_d] + [(st.source_index >= 0).to(device=dev, dtype=torch.long) for st in plan.stages[1:]]
         self.stats["stage_lengths"] = [int(st.index.shape[1]) for st in plan.stages]
-        self._pick(live, out[0], sample)
+        picked = self._pick(live, out[0], sample)
         # State entries are lists of tensors, which OnnxRunner.generate prunes row-wise.
         pos = torch.tensor([[s["ids"].numel()] for s in live], dtype=torch.long, device=dev)
-        return {"masks": masks, "kv": list(out[1:]), "pos": [pos]}
+        return {"masks": masks, "kv": list(out[1:]), "pos": [pos], "toks": [picked[:, None]]}
 
     def _decode(self, live, state, sample) -> Dict[str, Any]:
         dev = self.device
-        toks = torch.tensor([[s["tokens"][-1]] for s in live], dtype=torch.long, device=dev)
+        (toks,) = state["toks"]  # the last picked tokens, still on the device
         (pos,) = state["pos"]
         feed = {"inputs_embeds": self._embed(toks), "position_ids": pos}
         for k, m in enumerate(state["masks"]):
@@ -246,7 +247,7 @@ class TensorRTRunner(OnnxRunner):
             feed[f"past_key_values.{l}.key"] = state["kv"][2 * l]
             feed[f"past_key_values.{l}.value"] = state["kv"][2 * l + 1]
         out = self._run("decode", feed)
-        self._pick(live, out[0], sample)
+        picked = self._pick(live, out[0], sample)
         ones = torch.ones(len(live), 1, dtype=torch.long, device=dev)
         return {"masks": [torch.cat([m, ones], dim=1) for m in state["masks"]], "kv": list(out[1:]),
-                "pos": [pos + 1]}
+                "pos": [pos + 1], "toks": [picked[:, None]]}

@@ -35,6 +35,7 @@ What this needs from transformers beyond its documented API is in :mod:`adsc_ext
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -134,7 +135,7 @@ def apply_adsc(model, schedule=None):
     base = unwrap(model)
     spec = llava_spec(base)
     try:
-        _compat.cache_kwarg(base)
+        cache_kw = _compat.cache_kwarg(base)
     except TypeError as exc:
         raise AdscModelError(str(exc)) from None
     sched, _ = resolve_schedule(base.config, schedule, spec.num_layers, spec.grid)
@@ -147,7 +148,7 @@ def apply_adsc(model, schedule=None):
         stage_of_layer=tuple(sched.stage_of_layer(l) for l in range(spec.num_layers)),
     )
     base.config.adsc_schedule = str(sched)
-    state = _State(setup)
+    state = _State(setup, cache_kw)
     handles = [
         base.register_forward_pre_hook(_ModelPreHook(state), with_kwargs=True),
         base.register_forward_hook(_ModelHook(state), with_kwargs=True),
@@ -210,14 +211,27 @@ class _Forward:
 
 
 class _State:
-    """The per-model state the hooks share: the setup and the current forward."""
+    """The per-model state the hooks share: the setup and, per thread, the current forward (two
+    threads may run one model at once, as a server around it does)."""
 
-    def __init__(self, setup: AdscSetup):
+    def __init__(self, setup: AdscSetup, cache_kw: str):
         self.setup = setup
-        self.current: Optional[_Forward] = None
+        self.cache_kw = cache_kw  # the forward's cache argument (_compat item 2), found once
+        self._local = threading.local()
+
+    @property
+    def current(self) -> Optional[_Forward]:
+        return getattr(self._local, "forward", None)
+
+    @current.setter
+    def current(self, fwd: Optional[_Forward]) -> None:
+        self._local.forward = fwd
 
     def __getstate__(self):  # pickling / deepcopy of a model: the last forward's tensors are not state
-        return {"setup": self.setup, "current": None}
+        return {"setup": self.setup, "cache_kw": self.cache_kw}
+
+    def __setstate__(self, state):
+        self.__init__(state["setup"], state["cache_kw"])
 
 
 def _bind(module, args, kwargs) -> dict:
@@ -248,7 +262,12 @@ class _ModelPreHook:
                 f"ADSC builds its own per-stage masks from a 2-D attention_mask [batch, length]; got a "
                 f"{attention_mask.dim()}-D mask of shape {tuple(attention_mask.shape)}"
             )
-        cache_name = _compat.cache_kwarg(module)
+        if getattr(module, "_is_replica", False):
+            raise NotImplementedError(
+                "an ADSC model cannot run under torch.nn.DataParallel (its replicas would share one "
+                "hook state); use DistributedDataParallel, one process per GPU"
+            )
+        cache_name = self.state.cache_kw
         cache = None
         for name in _compat.CACHE_KWARGS:
             c = kw.pop(name, None)
@@ -304,6 +323,11 @@ class _ModelPreHook:
             elif first or has_features:
                 seg = plan_segment(setup, ids, seg_mask, None if first else state.next_pos)
             else:
+                if q > 1 and bool((ids == setup.image_token_id).any()):  # a prefill chunk, not a decode step
+                    raise AdscInputError(
+                        "this prefill chunk continues a cache and holds image tokens but no pixel_values: "
+                        "pass the chunk's images with it (images are downsampled in the chunk that holds them)"
+                    )
                 seg = text_segment(setup, B, q, seg_mask, state.next_pos, device)
         except ValueError as exc:
             # Only on failure: walk the tokens again for a message that names a split prefill chunk.
@@ -425,7 +449,7 @@ class _ModelHook:
                       and _compat.layer_checkpointed(module.model.language_model.layers[0]))
         seg = fwd.seg
         if fwd.cache is not None:
-            fwd.cache.adsc.append([st.valid for st in seg.stages], seg.real_per_row)
+            fwd.cache.adsc.append([st.valid for st in seg.stages], seg.real_per_row)  # [B, q_s] each
         last = seg.stages[-1]
         src = last.source_index
         if src is None:  # identity layout
@@ -436,7 +460,7 @@ class _ModelHook:
         loss = None if fwd.labels is None else adsc_loss(logits, fwd.labels, seg, fwd.packed_cu, fwd.num_items)
         if isinstance(output, tuple):
             return output if loss is None else (loss, *output)
-        if loss is not None:
-            output["loss"] = loss
+        if loss is not None:  # first, as transformers' outputs have it (output[0], to_tuple())
+            output = type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})
         output.adsc_layout = AdscLayout(src, last.position_ids)
         return output
