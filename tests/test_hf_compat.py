@@ -48,7 +48,14 @@ def test_item2_cache_argument_names():
     model = tiny_llava()
     name = _compat.cache_kwarg(model)
     assert name in _compat.forward_parameters(model), f"transformers {V}: LLaVA's forward cache argument (item 2)"
-    assert _compat.layer_cache_kwarg(text_model(model).layers[0]) in _compat.CACHE_KWARGS
+    assert _compat.cache_kwarg(text_model(model).layers[0]) in _compat.CACHE_KWARGS
+
+
+def test_item4_dynamic_cache_batch_methods():
+    from transformers import DynamicCache
+
+    missing = [m for m in _compat.CACHE_BATCH_METHODS if not callable(getattr(DynamicCache, m, None))]
+    assert not missing, f"transformers {V}: DynamicCache no longer has {missing}, which AdscCache overrides (item 4)"
 
 
 def test_item3_layer_call_convention():
@@ -95,7 +102,7 @@ def test_generate_continues_with_the_cache_the_model_returns():
         f"transformers {V}: generate() no longer continues with the cache the model's output returns")
 
 
-def test_attention_weights_for_the_fastv_baseline():
+def test_item5_attention_weights_for_the_fastv_baseline():
     """Under eager attention the attention module returns (output, weights [B, H, q, K])."""
     model = tiny_llava()
     text = text_model(model)

@@ -95,7 +95,7 @@ class FastV:
         self.image_token_id, self.num_layers = image_token_id, num_layers
         self.select = select
         self._spec = spec
-        self._cache_kw = _compat.layer_cache_kwarg(self.text.layers[0])
+        self._cache_kw = _compat.cache_kwarg(self.text.layers[0])
         self.last_kept: Optional[torch.Tensor] = None  # indices kept by the last prefill, [B, T']
 
     def __repr__(self) -> str:

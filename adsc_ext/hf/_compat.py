@@ -12,7 +12,15 @@ moved when a release breaks it:
    transformers 5.24, where the old name is deprecated until 5.40);
 3. how a decoder layer is called by the text model: hidden states first (positionally), then the
    keyword arguments ``attention_mask``, ``position_ids``, ``position_embeddings``;
-4. a dynamic cache layer's tensors (``layer.keys`` / ``layer.values``, ``layer.is_initialized``).
+4. a dynamic cache layer's tensors (``layer.keys`` / ``layer.values``, ``layer.is_initialized``),
+   and the ``DynamicCache`` methods ``generate`` calls to reorder, repeat, select or crop a batch
+   (``reorder_cache``, ``batch_repeat_interleave``, ``batch_select_indices``, ``crop``), which
+   :class:`~adsc_ext.hf.cache.AdscCache` overrides to keep its per-stage state in step;
+5. the attention module's outputs under eager attention: ``(output, weights)`` (the FastV baseline).
+
+Everything else (the hooks, the per-stage masks adsc_ext builds itself, the output classes) goes
+through public API: ``register_forward_pre_hook`` / ``register_forward_hook``, ``DynamicCache``,
+``get_image_features``, ``get_input_embeddings``, ``AutoModelForImageTextToText.from_config``.
 """
 
 from __future__ import annotations
@@ -25,6 +33,9 @@ import torch
 
 #: The names transformers has used for the cache argument of a model's forward, newest first.
 CACHE_KWARGS = ("cache", "past_key_values")
+
+#: The batch-surgery methods of DynamicCache that AdscCache overrides (item 4).
+CACHE_BATCH_METHODS = ("reorder_cache", "batch_repeat_interleave", "batch_select_indices", "crop")
 
 #: The keyword arguments a LLaMA decoder layer receives from its text model that ADSC replaces per
 #: stage (item 3); flash attention's varlen arguments are added for packed inputs.
@@ -53,14 +64,14 @@ def forward_parameters(model) -> Tuple[str, ...]:
     return tuple(inspect.signature(type(model).forward).parameters)[1:]
 
 
-def cache_kwarg(model) -> str:
-    """The name of the cache argument of ``model``'s forward (item 2)."""
-    params = forward_parameters(model)
+def cache_kwarg(module) -> str:
+    """The name of the cache argument of a model's or a decoder layer's forward (item 2)."""
+    params = forward_parameters(module)
     for name in CACHE_KWARGS:
         if name in params:
             return name
     raise TypeError(
-        f"{type(model).__name__}.forward takes none of {CACHE_KWARGS} as its cache argument; this "
+        f"{type(module).__name__}.forward takes none of {CACHE_KWARGS} as its cache argument; this "
         f"transformers release is not supported (adsc_ext/hf/_compat.py, item 2)"
     )
 
@@ -77,15 +88,6 @@ def layer_kv(layer) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     if not getattr(layer, "is_initialized", False) or getattr(layer, "keys", None) is None:
         return None
     return layer.keys, layer.values
-
-
-def layer_cache_kwarg(layer) -> str:
-    """The cache argument of a decoder layer's forward (item 2, as for the model)."""
-    params = tuple(inspect.signature(type(layer).forward).parameters)
-    for name in CACHE_KWARGS:
-        if name in params:
-            return name
-    raise TypeError(f"{type(layer).__name__}.forward takes none of {CACHE_KWARGS} (adsc_ext/hf/_compat.py, item 2)")
 
 
 @contextlib.contextmanager

@@ -53,9 +53,10 @@ class AdscCacheState:
         """Cached slots per stage (padding slots of a padded batch included)."""
         return [int(v.shape[1]) for v in self.valid]
 
-    def append(self, seg_valid: Sequence[torch.Tensor], seg_real: torch.Tensor) -> None:
-        """Record a forward segment: its per-stage slot masks and real-token count per row."""
-        self.valid = [torch.cat([v, sv.to(v.dtype)], dim=1) for v, sv in zip(self.valid, seg_valid)]
+    def advance(self, valid: Sequence[torch.Tensor], seg_real: torch.Tensor) -> None:
+        """Record a forward segment: ``valid[s]`` is stage ``s``'s key mask with the segment's
+        slots appended (the mask the segment attended with), ``seg_real`` its real tokens per row."""
+        self.valid = list(valid)
         self.next_pos = self.next_pos + seg_real.to(self.next_pos)
 
     # --- batch surgery, mirrored from the K/V tensors --------------------------------------

@@ -449,7 +449,7 @@ class _ModelHook:
                       and _compat.layer_checkpointed(module.model.language_model.layers[0]))
         seg = fwd.seg
         if fwd.cache is not None:
-            fwd.cache.adsc.append([st.valid for st in seg.stages], seg.real_per_row)  # [B, q_s] each
+            fwd.cache.adsc.advance([v for v, _ in fwd.kv], seg.real_per_row)  # the [B, L_s + q_s] key masks
         last = seg.stages[-1]
         src = last.source_index
         if src is None:  # identity layout

@@ -82,7 +82,7 @@ class LlavaSpec:
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         """Bytes of K plus V of one token in one layer."""
-        return 2 * self.num_kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
+        return 2 * self.num_kv_heads * self.head_dim * dtype.itemsize
 
 
 def _llava_class():
