@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..models.llava import AdscInputError, count_images
+from ..models.llava import AdscInputError, check_request
 from .manifest import GRAPH_FILES, ExportError, load_manifest
 
 __all__ = ["OnnxRunner"]
@@ -31,12 +31,15 @@ _NP = {"float32": np.float32, "float16": np.float16}
 
 
 class _Spec:
-    """The fields of a model spec the request checks read, from the manifest."""
+    """The fields of a :class:`~adsc_ext.models.LlavaSpec` that ``check_request`` reads, from the manifest."""
 
     def __init__(self, man):
         self.grid = tuple(man["grid"])
         self.image_token_id = int(man["image_token_id"])
         self.tokens_per_image = int(man["tokens_per_image"])
+        self.vocab_size = int(man["model"]["vocab_size"])
+        self.max_positions = int(man["model"]["max_positions"])
+        self.image_size = int(man["image_size"])
 
 
 class OnnxRunner:
@@ -67,9 +70,8 @@ class OnnxRunner:
         self.grid = self.spec.grid
         self.image_token_id = self.spec.image_token_id
         self.num_layers = int(man["model"]["num_layers"])
-        self.vocab_size = int(man["model"]["vocab_size"])
-        self.max_positions = int(man["model"]["max_positions"])
-        self.image_size = int(man["image_size"])
+        self.vocab_size, self.max_positions = self.spec.vocab_size, self.spec.max_positions
+        self.image_size = self.spec.image_size
         self.num_stages = len(man["stages"])
         self.stage_of_layer = list(man["stage_of_layer"])
         if man["dtype"] not in _NP:
@@ -103,48 +105,7 @@ class OnnxRunner:
 
     # ---- requests (the engine's rules and messages) ------------------------------------------------
     def _check(self, i: int, req, max_new_tokens: int) -> Dict[str, Any]:
-        def bad(msg):
-            return AdscInputError(f"request {i}: {msg}")
-
-        if not isinstance(req, dict) or "input_ids" not in req:
-            raise bad("must be a dict with 'input_ids' (1-D LongTensor) and optional 'pixel_values'")
-        ids = req["input_ids"]
-        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
-            raise bad("input_ids must be an integer tensor")
-        if ids.dim() == 2 and ids.shape[0] == 1:
-            ids = ids[0]
-        if ids.dim() != 1 or ids.numel() == 0:
-            raise bad(f"input_ids must be a non-empty 1-D tensor, got shape {tuple(ids.shape)}")
-        ids = ids.long().cpu()
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= self.vocab_size:
-            raise bad(f"token ids must be in [0, {self.vocab_size}), got values in [{lo}, {hi}]")
-        pix = req.get("pixel_values")
-        n_img = 0
-        if pix is not None:
-            if not isinstance(pix, torch.Tensor) or pix.dim() != 4 or pix.shape[1] != 3:
-                raise bad(f"pixel_values must be a [k, 3, H, W] tensor, got "
-                          f"{tuple(pix.shape) if isinstance(pix, torch.Tensor) else type(pix).__name__}")
-            if tuple(pix.shape[2:]) != (self.image_size, self.image_size):
-                raise bad(f"images must be {self.image_size}x{self.image_size} for this model's vision tower, "
-                          f"got {pix.shape[2]}x{pix.shape[3]}")
-            n_img = pix.shape[0]
-            if n_img == 0:
-                pix = None
-        try:
-            n_tok_img = count_images(ids, self.spec, "input_ids")
-        except AdscInputError as exc:
-            raise bad(str(exc)) from None
-        if n_tok_img != n_img:
-            hw = self.spec.tokens_per_image
-            raise bad(f"input_ids hold {n_tok_img} image(s) ({n_tok_img * hw} image tokens) but "
-                      f"pixel_values has {n_img} image(s)")
-        max_new = int(req.get("max_new_tokens", max_new_tokens))
-        if max_new < 1:
-            raise bad(f"max_new_tokens must be >= 1, got {max_new}")
-        if ids.numel() + max_new > self.max_positions:
-            raise bad(f"prompt ({ids.numel()}) + max_new_tokens ({max_new}) exceeds the model's "
-                      f"{self.max_positions} positions")
+        ids, pix, _, max_new = check_request(self.spec, i, req, max_new_tokens)
         return {"rid": i, "ids": ids, "pix": pix, "max_new": max_new, "tokens": [], "logits": []}
 
     # ---- generation ---------------------------------------------------------------------------------

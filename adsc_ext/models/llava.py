@@ -21,6 +21,7 @@ moves something is met in one place.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -44,6 +45,7 @@ __all__ = [
     "attention_output",
     "image_runs",
     "count_images",
+    "check_request",
 ]
 
 
@@ -283,6 +285,57 @@ def count_images(row: Union[Sequence[int], torch.Tensor], spec: LlavaSpec, what:
             )
         n += (q - p) // hw
     return n
+
+
+def check_request(spec: LlavaSpec, i: int, req, max_new_tokens: int, error=AdscInputError):
+    """Check request ``i`` of a ``generate(requests, ...)`` call (the engine's and the ONNX and
+    TensorRT runners' format: ``{"input_ids": [n], "pixel_values": [k, 3, S, S] or None,
+    "max_new_tokens": optional int}``). Returns ``(ids, pixel_values, num_images, max_new)``
+    with ``ids`` int64 ``[n]`` on the host and ``pixel_values`` None without images; raises
+    ``error`` (an exception class) with a message that starts ``request {i}:``."""
+
+    def bad(msg):
+        return error(f"request {i}: {msg}")
+
+    if not isinstance(req, dict) or "input_ids" not in req:
+        raise bad("must be a dict with 'input_ids' (1-D LongTensor) and optional 'pixel_values'")
+    ids = req["input_ids"]
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+        raise bad("input_ids must be an integer tensor")
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1 or ids.numel() == 0:
+        raise bad(f"input_ids must be a non-empty 1-D tensor, got shape {tuple(ids.shape)}")
+    ids = ids.detach().to("cpu", torch.int64)  # requests live on the host until their prefill
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= spec.vocab_size:
+        raise bad(f"token ids must be in [0, {spec.vocab_size}), got values in [{lo}, {hi}]")
+    pix = req.get("pixel_values")
+    n_img = 0
+    if pix is not None:
+        if not isinstance(pix, torch.Tensor) or pix.dim() != 4 or pix.shape[1] != 3:
+            raise bad(f"pixel_values must be a [k, 3, H, W] tensor, got "
+                      f"{tuple(pix.shape) if isinstance(pix, torch.Tensor) else type(pix).__name__}")
+        if tuple(pix.shape[2:]) != (spec.image_size, spec.image_size):
+            raise bad(f"images must be {spec.image_size}x{spec.image_size} for this model's vision tower, "
+                      f"got {pix.shape[2]}x{pix.shape[3]}")
+        n_img = int(pix.shape[0])
+        pix = pix.detach() if n_img else None
+    try:
+        n_tok_img = count_images(ids, spec, what=f"request {i}")
+    except AdscInputError as exc:
+        raise error(str(exc)) from None
+    if n_tok_img != n_img:
+        raise bad(f"input_ids hold {n_tok_img} image(s) ({n_tok_img * spec.tokens_per_image} image tokens) but "
+                  f"pixel_values has {n_img} image(s)")
+    max_new = req.get("max_new_tokens", max_new_tokens)
+    if isinstance(max_new, bool) or not isinstance(max_new, numbers.Integral) or max_new < 1:
+        raise bad(f"max_new_tokens must be an int >= 1, got {max_new!r}")
+    max_new = int(max_new)
+    if ids.numel() + max_new > spec.max_positions:
+        raise bad(f"prompt ({ids.numel()}) + max_new_tokens ({max_new}) exceeds the model's "
+                  f"{spec.max_positions} positions")
+    return ids, pix, n_img, max_new
 
 
 # ---- one decoder layer, split around its attention --------------------------------------------

@@ -39,10 +39,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..models.llava import (
-    AdscInputError,
     attention_inputs,
     attention_output,
-    count_images,
+    check_request,
     embed_with_images,
     llava_spec,
     resolve_schedule,
@@ -204,51 +203,8 @@ class Engine:
         return [n - n_img_tok + k * st.tokens_per_image for st in self.stages]
 
     def _check_request(self, i: int, req, max_new_tokens: int) -> _Seq:
-        def bad(msg):
-            return EngineInputError(f"request {i}: {msg}")
-
-        if not isinstance(req, dict) or "input_ids" not in req:
-            raise bad("must be a dict with 'input_ids' (1-D LongTensor) and optional 'pixel_values'")
-        ids = req["input_ids"]
-        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
-            raise bad("input_ids must be an integer tensor")
-        if ids.dim() == 2 and ids.shape[0] == 1:
-            ids = ids[0]
-        if ids.dim() != 1 or ids.numel() == 0:
-            raise bad(f"input_ids must be a non-empty 1-D tensor, got shape {tuple(ids.shape)}")
-        ids = ids.detach().to("cpu", torch.int64)  # requests live on the host until their prefill
-        vocab = self.spec.vocab_size
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= vocab:
-            raise bad(f"token ids must be in [0, {vocab}), got values in [{lo}, {hi}]")
-        pix = req.get("pixel_values")
-        n_img = 0
-        if pix is not None:
-            if not isinstance(pix, torch.Tensor) or pix.dim() != 4 or pix.shape[1] != 3:
-                raise bad(f"pixel_values must be a [k, 3, H, W] tensor, got "
-                          f"{tuple(pix.shape) if isinstance(pix, torch.Tensor) else type(pix).__name__}")
-            if tuple(pix.shape[2:]) != (self.image_size, self.image_size):
-                raise bad(f"images must be {self.image_size}x{self.image_size} for this model's vision tower, "
-                          f"got {pix.shape[2]}x{pix.shape[3]}")
-            n_img = pix.shape[0]
-            if n_img == 0:
-                pix = None
-        try:
-            n_tok_img = count_images(ids, self.spec, what=f"request {i}")
-        except AdscInputError as exc:
-            raise EngineInputError(str(exc)) from None
-        hw = self.tokens_per_image
-        if n_tok_img != n_img:
-            raise bad(f"input_ids hold {n_tok_img} image(s) ({n_tok_img * hw} image tokens) but "
-                      f"pixel_values has {n_img} image(s)")
-        max_new = req.get("max_new_tokens", max_new_tokens)
-        if isinstance(max_new, bool) or not isinstance(max_new, numbers.Integral) or max_new < 1:
-            raise bad(f"max_new_tokens must be an int >= 1, got {max_new!r}")
-        max_new = int(max_new)
-        if ids.numel() + max_new > self.max_positions:
-            raise bad(f"prompt ({ids.numel()}) + max_new_tokens ({max_new}) exceeds the model's "
-                      f"{self.max_positions} positions")
-        seq = _Seq(i, ids, None if pix is None else pix.detach().cpu(), n_img, self.stage_lengths(ids), max_new)
+        ids, pix, n_img, max_new = check_request(self.spec, i, req, max_new_tokens, EngineInputError)
+        seq = _Seq(i, ids, None if pix is None else pix.cpu(), n_img, self.stage_lengths(ids), max_new)
         if self.pool is not None:
             need = [L + max_new for L in seq.stage_lens]
             if not self.pool.fits_ever(need):
