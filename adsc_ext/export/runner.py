@@ -60,20 +60,7 @@ class OnnxRunner:
             import onnxruntime as ort
         except ImportError as exc:
             raise ImportError(f"OnnxRunner needs onnxruntime (pip install 'adsc_ext[export]'): {exc}") from None
-        from ..schedule import Schedule
-
-        self.folder = Path(folder)
-        want = None if schedule is None else str(Schedule.coerce(schedule))
-        self.manifest = man = load_manifest(self.folder, want)
-        self.schedule = Schedule.parse(man["schedule"])
-        self.spec = _Spec(man)
-        self.grid = self.spec.grid
-        self.image_token_id = self.spec.image_token_id
-        self.num_layers = int(man["model"]["num_layers"])
-        self.vocab_size, self.max_positions = self.spec.vocab_size, self.spec.max_positions
-        self.image_size = self.spec.image_size
-        self.num_stages = len(man["stages"])
-        self.stage_of_layer = list(man["stage_of_layer"])
+        man = self._read_manifest(folder, schedule)
         if man["dtype"] not in _NP:
             raise ExportError(f"{self.folder}: a {man['dtype']} export cannot run on ONNX Runtime here "
                               f"(numpy has no {man['dtype']}); export float32 or float16 to check it")
@@ -102,6 +89,25 @@ class OnnxRunner:
                 raise ExportError(f"ONNX Runtime ({', '.join(map(str, self.providers))}) cannot load "
                                   f"{path}: {first}") from exc
         self.stats: Dict[str, Any] = {}
+
+    def _read_manifest(self, folder, schedule) -> Dict[str, Any]:
+        """Load the folder's manifest (checked against ``schedule`` if given) and set the model's
+        facts from it; shared with the TensorRT runner."""
+        from ..schedule import Schedule
+
+        self.folder = Path(folder)
+        want = None if schedule is None else str(Schedule.coerce(schedule))
+        self.manifest = man = load_manifest(self.folder, want)
+        self.schedule = Schedule.parse(man["schedule"])
+        self.spec = _Spec(man)
+        self.grid = self.spec.grid
+        self.image_token_id = self.spec.image_token_id
+        self.num_layers = int(man["model"]["num_layers"])
+        self.vocab_size, self.max_positions = self.spec.vocab_size, self.spec.max_positions
+        self.image_size = self.spec.image_size
+        self.num_stages = len(man["stages"])
+        self.stage_of_layer = list(man["stage_of_layer"])
+        return man
 
     # ---- requests (the engine's rules and messages) ------------------------------------------------
     def _check(self, i: int, req, max_new_tokens: int) -> Dict[str, Any]:

@@ -23,9 +23,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 
-from ..schedule import Schedule
-from .manifest import GRAPH_FILES, ExportError, load_manifest
-from .runner import OnnxRunner, _Spec
+from .manifest import GRAPH_FILES, ExportError
+from .runner import OnnxRunner
 from .tensorrt import (
     REPORT_NAME,
     TensorRTBuildError,
@@ -124,19 +123,7 @@ class TensorRTRunner(OnnxRunner):
 
     def __init__(self, folder, *, schedule=None, device=None,
                  plugin_library=None, graph_runners: Optional[Mapping[str, GraphRunner]] = None):
-        self.folder = Path(folder)
-        want = None if schedule is None else str(Schedule.coerce(schedule))
-        self.manifest = man = load_manifest(self.folder, want)
-        self.schedule = Schedule.parse(man["schedule"])
-        self.spec = _Spec(man)
-        self.grid = self.spec.grid
-        self.image_token_id = self.spec.image_token_id
-        self.num_layers = int(man["model"]["num_layers"])
-        self.vocab_size = int(man["model"]["vocab_size"])
-        self.max_positions = int(man["model"]["max_positions"])
-        self.image_size = int(man["image_size"])
-        self.num_stages = len(man["stages"])
-        self.stage_of_layer = list(man["stage_of_layer"])
+        man = self._read_manifest(folder, schedule)
         if man["dtype"] not in _TORCH_DTYPES:
             raise ExportError(f"{self.folder}: unknown export dtype {man['dtype']!r}")
         self.dtype = _TORCH_DTYPES[man["dtype"]]
