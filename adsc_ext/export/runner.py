@@ -17,7 +17,7 @@ Token picking is :func:`adsc_ext.sampling.pick_tokens`, the rule every generator
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -40,6 +40,19 @@ class _Spec:
         self.vocab_size = int(man["model"]["vocab_size"])
         self.max_positions = int(man["model"]["max_positions"])
         self.image_size = int(man["image_size"])
+
+
+def _left_padded(live) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The live requests' prompts as a left-padded batch: ``(input_ids, attention_mask)``, each
+    int64 ``[B, S]`` on the host (padding: token 0, masked out)."""
+    B, S = len(live), max(s["ids"].numel() for s in live)
+    ids = torch.zeros(B, S, dtype=torch.long)
+    mask = torch.zeros(B, S, dtype=torch.long)
+    for b, s in enumerate(live):
+        n = s["ids"].numel()
+        ids[b, S - n:] = s["ids"]
+        mask[b, S - n:] = 1
+    return ids, mask
 
 
 class OnnxRunner:
@@ -189,13 +202,7 @@ class OnnxRunner:
     def _prefill(self, live, sample) -> Dict[str, Any]:
         from ..ops import stage_plan
 
-        B, S = len(live), max(s["ids"].numel() for s in live)
-        ids = torch.zeros(B, S, dtype=torch.long)  # left padding with token 0 (masked out)
-        mask = torch.zeros(B, S, dtype=torch.long)
-        for b, s in enumerate(live):
-            n = s["ids"].numel()
-            ids[b, S - n:] = s["ids"]
-            mask[b, S - n:] = 1
+        ids, mask = _left_padded(live)
         h = self._embed(ids.numpy())
         pix = [s["pix"] for s in live if s["pix"] is not None]
         if pix:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 
 from .manifest import GRAPH_FILES, ExportError
-from .runner import OnnxRunner
+from .runner import OnnxRunner, _left_padded
 from .tensorrt import (
     REPORT_NAME,
     TensorRTBuildError,
@@ -193,13 +193,7 @@ class TensorRTRunner(OnnxRunner):
         from ..ops import stage_plan
 
         dev = self.device
-        B, S = len(live), max(s["ids"].numel() for s in live)
-        ids = torch.zeros(B, S, dtype=torch.long)  # left padding with token 0 (masked out)
-        mask = torch.zeros(B, S, dtype=torch.long)
-        for b, s in enumerate(live):
-            n = s["ids"].numel()
-            ids[b, S - n:] = s["ids"]
-            mask[b, S - n:] = 1
+        ids, mask = _left_padded(live)
         # The plan on the host, once per batch; its tensors go to the device in one pass.
         plan = stage_plan(self.schedule, input_ids=ids, attention_mask=mask, image_token_id=self.image_token_id,
                           grid=self.grid, padding_side="left")
