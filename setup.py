@@ -1,26 +1,78 @@
 """Builds adsc_ext: CMake owns the build (CMakeLists.txt); this file only forwards settings.
 
 Build against the torch that is installed (no build isolation, or pip fetches another torch):
-    pip install --no-build-isolation .
-Settings (environment):
-    ADSC_TARGET_DEVICE  auto (default: CUDA ops if torch has CUDA and nvcc is found), cuda, cpu
+    pip install --no-build-isolation .                      # or -e . (editable)
+    pip wheel --no-build-isolation --no-deps . -w dist      # a wheel (docs/install.md)
+Settings (environment), forwarded to CMake:
+    ADSC_TARGET_DEVICE  auto (default: CUDA ops when torch is a CUDA build and a full CUDA toolkit
+                        of its major version is found, else CPU ops), cuda (CUDA ops or an error), cpu
     TORCH_CUDA_ARCH_LIST GPU architectures, default "8.0;8.6;8.9;9.0"
     CMAKE_BUILD_TYPE    Release (default), Debug, RelWithDebInfo
     MAX_JOBS            parallel compile jobs (default: CPU count)
     CMAKE_ARGS          extra arguments for cmake's configure step
+The package's metadata requires the torch release it was compiled against (torch==X.Y.*): the
+extension links torch's C++ libraries, whose ABI changes between releases.
 """
 
+import importlib.util
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+# The torch releases CI builds and tests (.ci/run): the oldest is built and tested, and so is the
+# newest verified. An older torch is refused; a newer one builds with a warning (not yet verified).
+TORCH_OLDEST = (2, 11)
+TORCH_NEWEST_VERIFIED = (2, 14)
+
+
+def check_setuptools() -> None:
+    """pip's editable and wheel builds call bdist_wheel: in setuptools from 70.1 on, else the wheel
+    package. A fresh venv of Python < 3.12 holds setuptools 65, which torch < 2.14 keeps."""
+    import setuptools
+
+    release = tuple(int(part) for part in re.findall(r"\d+", setuptools.__version__)[:2])
+    if release < (70, 1) and importlib.util.find_spec("wheel") is None:
+        raise SystemExit(
+            f"adsc_ext's build needs setuptools >= 70.1 (this is {setuptools.__version__}): "
+            "python3 -m pip install --upgrade setuptools"
+        )
+
+
+def build_torch() -> str:
+    """``torch==X.Y.*`` for the installed torch, which the extension is compiled against."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise SystemExit(
+            "adsc_ext is compiled against the installed torch, and none is importable "
+            f"({exc}): install torch first (python3 -m pip install torch setuptools cmake ninja), "
+            "then build without isolation (pip install --no-build-isolation .)"
+        ) from None
+    match = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    if match is None:
+        raise SystemExit(f"adsc_ext: cannot read torch's version {torch.__version__!r}")
+    release = (int(match[1]), int(match[2]))
+    if release < TORCH_OLDEST:
+        raise SystemExit(
+            f"adsc_ext needs torch >= {TORCH_OLDEST[0]}.{TORCH_OLDEST[1]} (the oldest release CI "
+            f"builds and tests); the installed torch is {torch.__version__}"
+        )
+    if release > TORCH_NEWEST_VERIFIED:
+        warnings.warn(
+            f"adsc_ext: torch {torch.__version__} is newer than the newest release CI has verified "
+            f"({TORCH_NEWEST_VERIFIED[0]}.{TORCH_NEWEST_VERIFIED[1]}); building anyway",
+            stacklevel=1,
+        )
+    return f"torch=={release[0]}.{release[1]}.*"
 
 
 class CMakeExtension(Extension):
@@ -30,20 +82,13 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext: CMakeExtension) -> None:
-        import torch.utils  # the installed torch is the one the extension is built against
-
         package_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
-        device = os.environ.get("ADSC_TARGET_DEVICE", "auto").lower()
-        cuda = {"auto": "AUTO", "cuda": "ON", "cpu": "OFF"}.get(device)
-        if cuda is None:
-            raise RuntimeError(f"ADSC_TARGET_DEVICE must be auto, cuda or cpu, got {device!r}")
         args = [
             f"-DCMAKE_BUILD_TYPE={os.environ.get('CMAKE_BUILD_TYPE', 'Release')}",
             f"-DPython_EXECUTABLE={sys.executable}",
-            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-            f"-DADSC_WITH_CUDA={cuda}",
+            f"-DADSC_TARGET_DEVICE={os.environ.get('ADSC_TARGET_DEVICE', 'auto').lower()}",
             "-DADSC_WITH_TORCH=ON",
             "-DADSC_BUILD_TESTS=OFF",
         ]
@@ -59,7 +104,6 @@ class CMakeBuild(build_ext):
         subprocess.check_call([*install, "python", "--prefix", str(package_dir.parent)])
         subprocess.check_call([*install, "sdk", "--prefix", str(package_dir)])
 
-
     def copy_extensions_to_source(self) -> None:
         # Editable installs: the SDK installed beside _C (lib/, include/) goes in place too.
         super().copy_extensions_to_source()
@@ -70,4 +114,10 @@ class CMakeBuild(build_ext):
                 shutil.copytree(built / sub, ROOT / "adsc_ext" / sub, symlinks=True)
 
 
-setup(ext_modules=[CMakeExtension("adsc_ext._C")], cmdclass={"build_ext": CMakeBuild})
+if __name__ == "__main__":  # setuptools' build backend runs this file as __main__; tests import it
+    check_setuptools()
+    setup(
+        install_requires=[build_torch()],
+        ext_modules=[CMakeExtension("adsc_ext._C")],
+        cmdclass={"build_ext": CMakeBuild},
+    )

@@ -52,6 +52,9 @@ at::Tensor scatter_add_cpu(const at::Tensor& grad, const at::Tensor& index, int6
 TORCH_LIBRARY(adsc, m) {
   // Plans: per-stage buffers of capacity T ([stages, T], [stages, B+1]) and a CPU summary of
   // plan_summary_size(len(factors)) int32s holding each stage's token count and longest sequence.
+  // Images: runs of image_token_id in input_ids, or image_spans (exactly one of the two):
+  // [N, 4] rows of (sequence, start, h, w), or [N, 5] with a newline flag (1: every grid row is
+  // followed by a newline token, kept with its row).
   m.def(
       "stage_plan_packed(Tensor? input_ids, Tensor cu_seqlens, Tensor? image_spans, "
       "int num_tokens, int image_token_id, int grid_h, int grid_w, int[] factors) -> "

@@ -109,15 +109,19 @@ void fill_images(adsc::PlanParams& p, const c10::optional<at::Tensor>& input_ids
     p.grid_w = static_cast<int32_t>(grid_w);
   } else {
     *spans_keep = as_int64("image_spans", *image_spans);
-    TORCH_CHECK_VALUE(spans_keep->dim() == 2 && spans_keep->size(1) == 4,
-                      "image_spans must be [N, 4] rows of (sequence, start, height, width), got ",
-                      spans_keep->sizes());
+    TORCH_CHECK_VALUE(spans_keep->dim() == 2 && (spans_keep->size(1) == 4 || spans_keep->size(1) == 5),
+                      "image_spans must be [N, 4] rows of (sequence, start, height, width) or "
+                      "[N, 5] with a newline flag, got ", spans_keep->sizes());
     p.spans = spans_keep->data_ptr<int64_t>();
     p.num_spans = spans_keep->size(0);
+    p.span_columns = static_cast<int32_t>(spans_keep->size(1));
   }
 }
 
-PlanTensors run_plan(const Backend& backend, adsc::PlanParams& p, const at::Device& device) {
+// spans: the plan's spans (undefined without): a span error's fields are printed from a host copy,
+// exactly (the summary holds them as int32).
+PlanTensors run_plan(const Backend& backend, adsc::PlanParams& p, const at::Device& device,
+                     const at::Tensor& spans) {
   const int64_t stages = p.num_steps + 1, T = p.num_tokens;
   // The sizes the core accepts, checked before anything is allocated for them.
   check_plan_tokens(T, "");
@@ -140,7 +144,11 @@ PlanTensors run_plan(const Backend& backend, adsc::PlanParams& p, const at::Devi
   throw_on_error(backend.plan(p, backend.current_stream(device)));
   // The one host-device synchronisation of a plan: sizes and data errors.
   at::Tensor host_summary = summary.cpu();
-  throw_on_error(adsc::plan_summary_status(host_summary.data_ptr<int32_t>(), p));
+  const int32_t* hs = host_summary.data_ptr<int32_t>();
+  at::Tensor host_spans;  // only on the error path: one more copy, then an exception
+  if (hs[0] != adsc::kPlanOk && spans.defined() && spans.numel() > 0) host_spans = spans.cpu();
+  throw_on_error(adsc::plan_summary_status(
+      hs, p, host_spans.defined() ? host_spans.data_ptr<int64_t>() : nullptr));
   return {index, source, pos, cu, host_summary};
 }
 
@@ -221,7 +229,7 @@ PlanTensors stage_plan_packed(const Backend& backend, const c10::optional<at::Te
   p.cu_seqlens = cu.data_ptr<int32_t>();
   fill_schedule(p, factors);
   fill_images(p, input_ids, image_spans, image_token_id, grid_h, grid_w, &ids, &spans);
-  return run_plan(backend, p, device);
+  return run_plan(backend, p, device, spans);
 }
 
 PlanTensors stage_plan_padded(const Backend& backend, const c10::optional<at::Tensor>& input_ids,
@@ -263,7 +271,7 @@ PlanTensors stage_plan_padded(const Backend& backend, const c10::optional<at::Te
   p.pad_left = pad_left;
   fill_schedule(p, factors);
   fill_images(p, input_ids, image_spans, image_token_id, grid_h, grid_w, &ids, &spans);
-  return run_plan(backend, p, device);
+  return run_plan(backend, p, device, spans);
 }
 
 void compact_tokens_out(const Backend& backend, const at::Tensor& x_in, const at::Tensor& index_in,

@@ -362,6 +362,166 @@ static void paged_kv_with_no_blocks(void) {
   CHECK_FAILS(adsc_write_paged_kv_host(&k), ADSC_INDEX_OUT_OF_RANGE, "slot_mapping[1] = 0");
 }
 
+/* ---- Hardening (issue 18): every written buffer against every other buffer of the call ------- */
+
+/* A slot_mapping that lives inside key_cache was rewritten by the first rows copied, so the next
+ * slot read was a key's bytes: a write far outside the cache (a segfault). */
+static void paged_kv_slots_inside_cache(void) {
+  int64_t cache[8] = {0}, vcache[8] = {0};
+  int64_t key[4] = {INT64_MAX / 4, INT64_MAX / 4, INT64_MAX / 4, INT64_MAX / 4};
+  adsc_paged_kv_params k = {key, key, 16, 16, cache, vcache, 16, 2, 4, 16, cache};
+  cache[0] = 0; /* slot_mapping[0] = 0: its row overwrites slot_mapping[0..1] with the key */
+  cache[1] = 1;
+  CHECK_FAILS(adsc_write_paged_kv_host(&k), ADSC_INVALID_ARGUMENT,
+              "key_cache and slot_mapping overlap");
+  CHECK(cache[1] == 1 && vcache[0] == 0); /* nothing written */
+  k.slot_mapping = vcache + 6; /* inside value_cache's last slot */
+  vcache[6] = 0;
+  vcache[7] = -1;
+  CHECK_FAILS(adsc_write_paged_kv_host(&k), ADSC_INVALID_ARGUMENT,
+              "value_cache and slot_mapping overlap");
+}
+
+/* An index inside dst was overwritten by the rows gathered before it: rows read out of bounds. */
+static void compact_index_inside_dst(void) {
+  int32_t dst[16] = {0};
+  int32_t src[8] = {0, 1, 1, 0, 5, 6, 7, 8};
+  adsc_compact_tokens_params c = {src, 2, 16, dst, 4, 16, 16, dst + 4, 0};
+  dst[4] = 1; /* index = dst[4..7] = {1, 0, 1, 0}: dst row 1 is the index itself */
+  dst[6] = 1;
+  CHECK_FAILS(adsc_compact_tokens_host(&c), ADSC_INVALID_ARGUMENT, "dst and index overlap");
+  CHECK(dst[0] == 0 && dst[4] == 1); /* nothing written */
+  c.index = src; /* src and index may share bytes: both are only read (index = {0, 1, 1, 0}) */
+  CHECK(adsc_compact_tokens_host(&c) == ADSC_OK);
+  CHECK(dst[0] == 0 && dst[1] == 1 && dst[4] == 5 && dst[8] == 5 && dst[12] == 0);
+}
+
+/* Plans whose outputs overlap their inputs (or each other) returned ADSC_OK with a wrong plan. */
+static void plan_outputs_overlapping_inputs(void) {
+  plan_fixture f;
+  int64_t ids[T + 16];
+  int32_t cu[8] = {0, 6, 8};
+  adsc_status st;
+  memcpy(ids, kIds, sizeof(kIds));
+  make_plan(&f);
+  f.p.input_ids = ids;
+  f.p.workspace = (int32_t*)(ids + 4); /* workspace over input_ids[4..] */
+  CHECK_FAILS(adsc_plan_host(&f.p), ADSC_INVALID_ARGUMENT, "workspace and input_ids overlap");
+  CHECK(memcmp(ids, kIds, sizeof(kIds)) == 0); /* nothing written */
+  make_plan(&f);
+  f.p.input_ids = ids;
+  f.p.index = (int32_t*)(ids + 2);
+  CHECK_FAILS(adsc_plan_host(&f.p), ADSC_INVALID_ARGUMENT, "index and input_ids overlap");
+  make_plan(&f);
+  f.p.source_index = f.index + 1; /* two outputs sharing bytes */
+  CHECK_FAILS(adsc_plan_host(&f.p), ADSC_INVALID_ARGUMENT, "index and source_index overlap");
+  make_plan(&f);
+  f.p.summary = (int32_t*)f.pos + 2;
+  CHECK_FAILS(adsc_plan_host(&f.p), ADSC_INVALID_ARGUMENT, "position_ids and summary overlap");
+  make_plan(&f);
+  f.p.cu_seqlens = cu;
+  f.p.cu_seqlens_out = cu; /* the offsets read are the ones written */
+  CHECK_FAILS(adsc_plan_host(&f.p), ADSC_INVALID_ARGUMENT, "cu_seqlens_out and cu_seqlens overlap");
+  {
+    int32_t mask[8] = {0, 1, 1, 1, 1, 1, 0, 0}; /* [2, 4] int32 */
+    make_plan(&f);
+    f.p.layout = ADSC_LAYOUT_PADDED;
+    f.p.padded_len = 4;
+    f.p.input_ids = NULL;
+    f.p.mask = mask;
+    f.p.mask_type = ADSC_MASK_INT32;
+    f.p.cu_seqlens_out = mask + 2;
+    CHECK_FAILS(adsc_plan_host(&f.p), ADSC_INVALID_ARGUMENT, "cu_seqlens_out and mask overlap");
+    CHECK(mask[2] == 1 && mask[6] == 0); /* nothing written */
+    /* A padded plan does not read cu_seqlens, nor a packed one the mask: not their buffers. */
+    f.p.cu_seqlens_out = f.cu_out;
+    f.p.cu_seqlens = (const int32_t*)f.index;
+    CHECK(adsc_plan_host(&f.p) == ADSC_OK && adsc_plan_stage_tokens(f.summary, 1, 0) == 5);
+    make_plan(&f);
+    f.p.mask = f.index;
+    CHECK(adsc_plan_host(&f.p) == ADSC_OK);
+  }
+  /* Spans are read too. */
+  {
+    int64_t spans[4 + 2 * T] = {0, 1, 2, 2};
+    make_plan(&f);
+    f.p.input_ids = NULL;
+    f.p.spans = spans;
+    f.p.num_spans = 1;
+    f.p.position_ids = spans; /* over the span */
+    CHECK_FAILS(adsc_plan_host(&f.p), ADSC_INVALID_ARGUMENT, "position_ids and spans overlap");
+    f.p.position_ids = f.pos;
+    CHECK(adsc_plan_host(&f.p) == ADSC_OK);
+  }
+  /* The device plan checks the same before it launches anything. */
+  make_plan(&f);
+  f.p.index = f.source;
+  st = adsc_plan_device(&f.p, NULL);
+  if (adsc_cuda_compiled()) CHECK(st == ADSC_INVALID_ARGUMENT && strstr(adsc_last_error(), "index and source_index overlap"));
+  else CHECK(st == ADSC_NOT_COMPILED);
+}
+
+/* adsc_schedule_validate wrote its stage grids through misaligned and overlapping pointers. */
+static void schedule_validate_output_checks(void) {
+  adsc_schedule s;
+  union { adsc_schedule s; int32_t w[48]; } u;
+  char* bytes = (char*)u.w;
+  memset(&u, 0, sizeof(u));
+  CHECK(adsc_schedule_parse("8:2,16:2,24:2", &s) == ADSC_OK);
+  CHECK_FAILS(adsc_schedule_validate(&s, 32, 24, 24, (int32_t*)(bytes + 1), u.w + 8),
+              ADSC_INVALID_ARGUMENT, "grids_h must be aligned to 4 bytes");
+  CHECK_FAILS(adsc_schedule_validate(&s, 32, 24, 24, u.w, (int32_t*)(bytes + 34)),
+              ADSC_INVALID_ARGUMENT, "grids_w must be aligned to 4 bytes");
+  CHECK_FAILS(adsc_schedule_validate(&s, 32, 24, 24, u.w, u.w + 2), ADSC_INVALID_ARGUMENT,
+              "grids_h and grids_w overlap");
+  CHECK(u.w[0] == 0); /* nothing written */
+  CHECK(adsc_schedule_validate(&s, 32, 24, 24, u.w, u.w + 4) == ADSC_OK); /* adjacent: fine */
+  CHECK(u.w[3] == 12 && u.w[7] == 6);
+  /* The schedule itself is copied on entry: it may live where the grids are written. */
+  u.s = s;
+  CHECK(adsc_schedule_validate(&u.s, 32, 24, 24, u.w, u.w + 4) == ADSC_OK);
+  CHECK(u.w[3] == 12 && u.w[7] == 6);
+  CHECK_FAILS(adsc_schedule_validate((const adsc_schedule*)(bytes + 2), 32, 24, 24, NULL, NULL),
+              ADSC_INVALID_ARGUMENT, "schedule must be aligned to 4 bytes");
+}
+
+/* The other entry points: the same rule, the same words. */
+static void every_entry_point_checks_its_buffers(void) {
+  union { adsc_schedule s; char text[sizeof(adsc_schedule) + 8]; int32_t words[40]; } u;
+  union { adsc_plan_params p; char bytes[sizeof(adsc_plan_params) + 8]; } raw;
+  int32_t summary[16] = {0};
+  plan_fixture f;
+  memset(&u, 0, sizeof(u));
+  strcpy(u.text, "8:2");
+  CHECK_FAILS(adsc_schedule_parse(u.text, &u.s), ADSC_INVALID_ARGUMENT, "out and text overlap");
+  CHECK(strcmp(u.text, "8:2") == 0);
+  CHECK_FAILS(adsc_schedule_parse("8:2", (adsc_schedule*)(u.text + 1)), ADSC_INVALID_ARGUMENT,
+              "out must be aligned to 4 bytes");
+  CHECK(adsc_schedule_parse("8:2", &u.s) == ADSC_OK && u.s.num_steps == 1);
+  CHECK_FAILS(adsc_schedule_format((const adsc_schedule*)(u.text + 2), (char*)summary, 8),
+              ADSC_INVALID_ARGUMENT, "schedule must be aligned to 4 bytes");
+  make_plan(&f);
+  CHECK_FAILS(adsc_plan_check_summary((const int32_t*)((const char*)summary + 1), &f.p),
+              ADSC_INVALID_ARGUMENT, "host_summary must be aligned to 4 bytes");
+  CHECK(adsc_plan_stage_tokens((const int32_t*)((const char*)summary + 1), 1, 0) == -1);
+  CHECK(adsc_plan_stage_max_len((const int32_t*)((const char*)summary + 2), 1, 0) == -1);
+  memcpy(raw.bytes + 4, &f.p, sizeof(f.p));
+  CHECK_FAILS(adsc_plan_host((const adsc_plan_params*)(raw.bytes + 4)), ADSC_INVALID_ARGUMENT,
+              "params must be aligned to 8 bytes");
+  {
+    int32_t flag[2] = {0, 0};
+    float src[2] = {0}, dst[2] = {0};
+    int32_t index[1] = {0};
+    adsc_compact_tokens_params c = {src, 1, 8, dst, 1, 8, 8, index, 0};
+    adsc_status st = adsc_compact_tokens_device(&c, (int32_t*)((char*)flag + 1), NULL);
+    if (adsc_cuda_compiled()) CHECK(st == ADSC_INVALID_ARGUMENT && strstr(adsc_last_error(), "error_flag must be aligned"));
+    else CHECK(st == ADSC_NOT_COMPILED);
+    st = adsc_compact_tokens_device(&c, (int32_t*)dst, NULL); /* error_flag inside dst */
+    if (adsc_cuda_compiled()) CHECK(st == ADSC_INVALID_ARGUMENT && strstr(adsc_last_error(), "dst and error_flag overlap"));
+    else CHECK(st == ADSC_NOT_COMPILED);
+  }
+}
+
 /* Without a GPU (or without CUDA in the library) the *_device calls fail cleanly. With a GPU
  * they are exercised by the C++ CUDA tests and the cpp_service example instead. */
 static int gpu_present(void) {
@@ -429,6 +589,11 @@ int main(int argc, char** argv) {
       {"null_misaligned_and_overlapping", null_misaligned_and_overlapping},
       {"hand_filled_schedules", hand_filled_schedules},
       {"paged_kv_with_no_blocks", paged_kv_with_no_blocks},
+      {"paged_kv_slots_inside_cache", paged_kv_slots_inside_cache},
+      {"compact_index_inside_dst", compact_index_inside_dst},
+      {"plan_outputs_overlapping_inputs", plan_outputs_overlapping_inputs},
+      {"schedule_validate_output_checks", schedule_validate_output_checks},
+      {"every_entry_point_checks_its_buffers", every_entry_point_checks_its_buffers},
   };
   size_t i;
   for (i = 0; argc == 2 && i < sizeof(cases) / sizeof(cases[0]); ++i) {

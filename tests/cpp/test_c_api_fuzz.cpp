@@ -1,7 +1,7 @@
 // A bounded, deterministic fuzz loop over every entry point of the C ABI (adsc/adsc.h), run by
 // ctest in every build and, in CI, under -fsanitize=address,undefined (issue 14): random sizes,
-// strides, enum values, NULL and misaligned pointers, overlapping buffers and sizes whose products
-// overflow int64. Every buffer the library may touch is a heap allocation of exactly the size the
+// strides, enum values, NULL and misaligned pointers, overlapping buffers (any written buffer over
+// any other buffer of the call, issue 18) and sizes whose products overflow int64. Every buffer the library may touch is a heap allocation of exactly the size the
 // call declares, so a read or write past it is an AddressSanitizer error, and undefined arithmetic
 // is an UndefinedBehaviorSanitizer error. Beyond "no crash, no UB", every call must return a
 // known status, a failing call must leave a message, and a successful compaction or paged KV
@@ -73,6 +73,7 @@ class Buffer {
     if (bytes + shift > 0) storage_.reset(new unsigned char[bytes + shift]);
   }
   void* data() { return storage_ ? storage_.get() + shift_ : nullptr; }
+  bool shifted() const { return shift_ != 0; }
   size_t size() const { return bytes_; }
   template <typename T>
   T* as() { return static_cast<T*>(data()); }
@@ -186,10 +187,20 @@ void fuzz_schedule_format_validate(Rng& rng) {
   const int32_t gw = rng.chance(50) ? static_cast<int32_t>(rng.range(-1, 30)) : rng.pick(kEdge32);
   const bool valid_steps = s.num_steps >= 0 && s.num_steps <= ADSC_MAX_STEPS;
   const size_t entries = valid_steps ? static_cast<size_t>(s.num_steps) + 1 : 0;
-  Buffer grids_h(entries * 4), grids_w(entries * 4);
+  // The grids: their own buffers, one of them misaligned, or both in one buffer, overlapping.
+  const int layout = static_cast<int>(rng.range(0, 9));  // 0: misaligned, 1: overlapping
+  const size_t shift = layout == 0 ? static_cast<size_t>(rng.range(1, 3)) : 0;
+  Buffer grids_h(entries * 4, rng.chance(50) ? shift : 0), grids_w(entries * 4, grids_h.shifted() ? 0 : shift);
+  Buffer both(2 * entries * 4);
   int32_t* oh = rng.chance(20) || !valid_steps ? nullptr : grids_h.as<int32_t>();
   int32_t* ow = rng.chance(20) || !valid_steps ? nullptr : grids_w.as<int32_t>();
+  if (layout == 1 && oh && ow && entries > 0) {
+    oh = both.as<int32_t>();
+    ow = oh + rng.range(0, static_cast<int64_t>(entries) - 1);
+  }
   st = checked(adsc_schedule_validate(&s, layers, gh, gw, oh, ow));
+  if (valid_steps && oh && ow && entries > 0 && (layout == 1 || shift > 0))
+    EXPECT(st == ADSC_INVALID_ARGUMENT);  // misaligned or overlapping outputs: never written
   if (st == ADSC_OK) {
     EXPECT(well_formed(s) && gh >= 1 && gw >= 1);
     if (s.num_steps > 0) EXPECT(s.layers[s.num_steps - 1] < layers);
@@ -231,6 +242,7 @@ struct PlanCase {
   adsc_plan_params p;
   Buffer cu, mask, ids, spans, workspace, index, source, pos, cu_out, summary;
   int64_t real_tokens = 0;
+  int32_t span_columns = 4;  // what the case declares: 4, 5 (newline spans) or, rarely, anything
 };
 
 // Which of the case's typed pointers gets misaligned (one at most), and which gets NULLed.
@@ -320,19 +332,25 @@ void make_plan_case(Rng& rng, PlanCase* c) {
     p.image_token_id = kImageId;
   } else {  // explicit spans, mostly sensible, sometimes anything
     const int64_t n = rng.range(0, 4);
-    c->spans = Buffer(static_cast<size_t>(n) * 32, shift(kSpans, 8));
-    std::vector<int64_t> sp(static_cast<size_t>(4 * n));
+    // 4 columns, or 5 with a newline flag (LLaVA-NeXT grids); the buffer holds what is declared.
+    const int cols = rng.chance(50) ? 4 : 5;
+    c->span_columns = rng.chance(97) ? cols : rng.pick(kEdge32);
+    c->spans = Buffer(static_cast<size_t>(n * cols) * 8, shift(kSpans, 8));
+    std::vector<int64_t> sp(static_cast<size_t>(cols * n));
     int64_t seq = 0, start = 0;
     for (int64_t i = 0; i < n; ++i) {
+      int64_t* row = &sp[static_cast<size_t>(cols * i)];
       if (rng.chance(80)) {
         seq += rng.range(0, 1);
         start = rng.chance(30) ? 0 : start + rng.range(0, 3);
-        sp[4 * i] = seq; sp[4 * i + 1] = start; sp[4 * i + 2] = rng.range(1, 3); sp[4 * i + 3] = rng.range(1, 3);
-        start += sp[4 * i + 2] * sp[4 * i + 3];
+        row[0] = seq; row[1] = start; row[2] = rng.range(1, 3); row[3] = rng.range(1, 3);
+        if (cols == 5) row[4] = rng.chance(95) ? rng.range(0, 1) : rng.pick(kHugeSizes);
+        start += row[2] * (row[3] + (cols == 5 && row[4] == 1 ? 1 : 0));
       } else {
-        for (int k = 0; k < 4; ++k) sp[4 * i + k] = rng.chance(50) ? rng.range(-2, 8) : rng.pick(kHugeSizes);
+        for (int k = 0; k < cols; ++k) row[k] = rng.chance(50) ? rng.range(-2, 8) : rng.pick(kHugeSizes);
       }
     }
+    if (c->span_columns > cols) c->span_columns = 4;  // never declare more than the buffer holds
     c->spans.assign(sp);
     p.spans = nulled == kSpans && n > 0 ? nullptr : c->spans.as<int64_t>();
     p.num_spans = rng.chance(95) ? n : rng.pick(kHugeSizes);
@@ -394,7 +412,9 @@ void check_plan_result(const PlanCase& c) {
 void fuzz_plan(Rng& rng) {
   PlanCase c;
   make_plan_case(rng, &c);
-  const adsc_status st = checked(adsc_plan_host(&c.p));
+  const adsc_status st = checked(c.span_columns == 4 && rng.chance(50) ? adsc_plan_host(&c.p)
+                                                                     : adsc_plan_host2(&c.p, c.span_columns));
+  if (c.span_columns != 4 && c.span_columns != 5) EXPECT(st == ADSC_INVALID_ARGUMENT);
   if (st == ADSC_OK) {
     check_plan_result(c);
   } else if (st == ADSC_INVALID_INPUT) {  // a data error: the summary names it
@@ -414,6 +434,75 @@ void fuzz_plan(Rng& rng) {
     q.workspace = nullptr; q.index = nullptr; q.source_index = nullptr; q.position_ids = nullptr;
     q.cu_seqlens_out = nullptr; q.summary = nullptr;
     EXPECT(checked(adsc_plan_device(&q, nullptr)) != ADSC_OK);
+  }
+}
+
+// Two buffers of a plan placed in one allocation so that they share bytes: one the plan writes and
+// any other it uses (read or written). Whatever else the case holds, the plan must refuse it
+// before reading or writing anything (issue 18: such plans returned ADSC_OK with a wrong plan).
+void fuzz_plan_overlap(Rng& rng) {
+  PlanCase c;
+  make_plan_case(rng, &c);
+  adsc_plan_params& p = c.p;
+  struct Slot {
+    Target target;
+    Buffer* buffer;
+    size_t bytes;  // the extent the call declares (every buffer but the spans is exactly that)
+    bool written;
+  };
+  // The buffers this plan uses, by its layout and its image source (the others it never touches).
+  std::vector<Slot> used;
+  auto use = [&](Target t, Buffer* b, const void* ptr, bool written, size_t bytes) {
+    if (ptr != nullptr && bytes > 0) used.push_back({t, b, bytes, written});
+  };
+  if (p.layout == ADSC_LAYOUT_PACKED) use(kCu, &c.cu, p.cu_seqlens, false, c.cu.size());
+  if (p.layout == ADSC_LAYOUT_PADDED) use(kMask, &c.mask, p.mask, false, c.mask.size());
+  use(kIds, &c.ids, p.input_ids, false, c.ids.size());
+  // The spans buffer may hold more columns than declared: only the declared rows count.
+  if (p.num_spans > 0 && (c.span_columns == 4 || c.span_columns == 5) &&
+      static_cast<size_t>(p.num_spans) * c.span_columns * 8 <= c.spans.size())
+    use(kSpans, &c.spans, p.spans, false, static_cast<size_t>(p.num_spans) * c.span_columns * 8);
+  use(kWorkspace, &c.workspace, p.workspace, true, c.workspace.size());
+  use(kIndex, &c.index, p.index, true, c.index.size());
+  use(kSource, &c.source, p.source_index, true, c.source.size());
+  use(kPos, &c.pos, p.position_ids, true, c.pos.size());
+  use(kCuOut, &c.cu_out, p.cu_seqlens_out, true, c.cu_out.size());
+  use(kSummary, &c.summary, p.summary, true, c.summary.size());
+  std::vector<size_t> writers;
+  for (size_t i = 0; i < used.size(); ++i)
+    if (used[i].written) writers.push_back(i);
+  if (writers.empty() || used.size() < 2) return;
+  const Slot w = used[writers[rng.next() % writers.size()]];
+  Slot o = w;
+  while (o.target == w.target) o = used[rng.next() % used.size()];
+  // o at the start of the arena (its contents copied), w at an 8-aligned offset inside o.
+  const size_t o_bytes = o.bytes, w_bytes = w.bytes;
+  const size_t offset = (static_cast<size_t>(rng.next()) % o_bytes) & ~size_t(7);
+  Buffer arena(std::max(o.buffer->size(), offset + w_bytes));
+  std::memcpy(arena.data(), o.buffer->data(), o.buffer->size());
+  auto place = [&](Target t, void* ptr) {
+    switch (t) {
+      case kCu: p.cu_seqlens = static_cast<const int32_t*>(ptr); break;
+      case kMask: p.mask = ptr; break;
+      case kIds: p.input_ids = static_cast<const int64_t*>(ptr); break;
+      case kSpans: p.spans = static_cast<const int64_t*>(ptr); break;
+      case kWorkspace: p.workspace = static_cast<int32_t*>(ptr); break;
+      case kIndex: p.index = static_cast<int32_t*>(ptr); break;
+      case kSource: p.source_index = static_cast<int32_t*>(ptr); break;
+      case kPos: p.position_ids = static_cast<int64_t*>(ptr); break;
+      case kCuOut: p.cu_seqlens_out = static_cast<int32_t*>(ptr); break;
+      case kSummary: p.summary = static_cast<int32_t*>(ptr); break;
+      default: break;
+    }
+  };
+  place(o.target, arena.data());
+  place(w.target, arena.as<unsigned char>() + offset);
+  std::vector<unsigned char> before(arena.as<unsigned char>(), arena.as<unsigned char>() + arena.size());
+  const adsc_status st = checked(adsc_plan_host2(&p, c.span_columns));
+  EXPECT(st == ADSC_INVALID_ARGUMENT);
+  EXPECT(same_bytes(before.data(), arena.data(), before.size()));  // refused before writing
+  if (adsc_cuda_compiled()) {  // the device plan refuses it before launching: host pointers are safe
+    EXPECT(checked(adsc_plan_device2(&p, c.span_columns, nullptr)) == ADSC_INVALID_ARGUMENT);
   }
 }
 
@@ -511,12 +600,21 @@ void fuzz_compact(Rng& rng) {
   if (overlap && static_cast<int64_t>(static_cast<char*>(c.dst) - src.as<char>()) + dst_bytes > src_bytes) {
     c.dst = dst_own.data();  // a window that would run past src's buffer: no overlap after all
   }
+  // Or the index inside dst (issue 18: the rows gathered first overwrote the index still to read).
+  const int64_t index_bytes = c.dst_rows * static_cast<int64_t>(isize);
+  const bool index_in_dst = backed && !overlap && c.dst == dst_own.data() && c.index != nullptr &&
+                            index_bytes > 0 && dst_bytes >= index_bytes && rng.chance(10);
+  if (index_in_dst) {
+    const int64_t slack = (dst_bytes - index_bytes) / static_cast<int64_t>(isize);
+    c.index = dst_own.as<unsigned char>() + rng.range(0, slack) * static_cast<int64_t>(isize);
+  }
   if (!backed) { c.src = nullptr; c.dst = nullptr; c.index = nullptr; }
   std::vector<unsigned char> before(dst_own.as<unsigned char>(), dst_own.as<unsigned char>() + dst_own.size());
   const adsc_status st = checked(adsc_compact_tokens_host(&c));
+  if (index_in_dst) EXPECT(st == ADSC_INVALID_ARGUMENT);
   if (!backed) EXPECT(st != ADSC_OK || c.dst_rows == 0 || c.row_bytes == 0);
   const bool wrote_own = c.dst == dst_own.data() && c.dst != nullptr;
-  if (st == ADSC_OK && backed && wrote_own) {  // the oracle: row by row
+  if (st == ADSC_OK && backed && wrote_own && !index_in_dst) {  // the oracle: row by row
     for (int64_t i = 0; i < c.dst_rows; ++i) {
       const int64_t j = isize == 8 ? index64[i] : index32[i];
       const unsigned char* out = dst_own.as<unsigned char>() + i * c.dst_row_stride;
@@ -571,10 +669,24 @@ void fuzz_paged_kv(Rng& rng) {
   k.key_cache = rng.chance(4) ? nullptr : kc.data();
   k.value_cache = rng.chance(4) ? nullptr : vc.data();
   k.slot_mapping = rng.chance(4) ? nullptr : slots.as<int64_t>();
-  // Overlap: key read from inside key_cache (issue 14, D5), or both caches in one buffer.
-  const int overlap = backed && cb > 0 && rng.chance(10) ? static_cast<int>(rng.range(1, 2)) : 0;
-  if (overlap == 1 && kb > 0 && kb <= cb) k.key = kc.data();
-  if (overlap == 2) k.value_cache = kc.data();
+  // Overlap: key read from inside key_cache (issue 14, D5), both caches in one buffer, the slot
+  // mapping inside a cache (issue 18: a segfault), or value inside value_cache.
+  const int overlap = backed && cb > 0 && rng.chance(15) ? static_cast<int>(rng.range(1, 4)) : 0;
+  const int64_t slot_bytes = 8 * k.num_tokens;
+  bool must_refuse = false;
+  if (overlap == 1 && kb > 0 && kb <= cb) { k.key = kc.data(); must_refuse = true; }
+  if (overlap == 2) { k.value_cache = kc.data(); must_refuse = true; }
+  if (overlap == 3 && slot_bytes > 0 && slot_bytes <= cb) {
+    Buffer& cache = rng.chance(50) ? kc : vc;
+    k.slot_mapping = reinterpret_cast<const int64_t*>(cache.as<unsigned char>() + 8 * rng.range(0, (cb - slot_bytes) / 8));
+    must_refuse = true;
+  }
+  if (overlap == 4 && vb > 0 && vb <= cb) { k.value = vc.data(); must_refuse = true; }
+  // Only when both buffers are ones the call uses, with bytes: key/value rows and the caches when
+  // tokens are copied, the slot mapping whenever there are tokens.
+  must_refuse = must_refuse && k.num_tokens > 0 && k.row_bytes > 0 && k.num_slots > 0 &&
+                k.key_cache != nullptr && k.value_cache != nullptr &&
+                (overlap != 1 || k.key == kc.data()) && (overlap != 4 || k.value == vc.data());
   if (!backed) { k.key = nullptr; k.value = nullptr; k.key_cache = nullptr; k.value_cache = nullptr; k.slot_mapping = nullptr; }
   std::vector<unsigned char> kc0(kc.as<unsigned char>(), kc.as<unsigned char>() + kc.size());
   std::vector<unsigned char> vc0(vc.as<unsigned char>(), vc.as<unsigned char>() + vc.size());
@@ -595,9 +707,7 @@ void fuzz_paged_kv(Rng& rng) {
   } else if (st != ADSC_OK && backed) {
     EXPECT(same_bytes(kc0.data(), kc.data(), kc.size()) && same_bytes(vc0.data(), vc.data(), vc.size()));
   }
-  if (overlap && k.row_bytes > 0 && k.num_slots > 0 && k.num_tokens > 0 &&
-      (overlap == 2 || k.key == kc.data()))
-    EXPECT(st != ADSC_OK);
+  if (must_refuse) EXPECT(st == ADSC_INVALID_ARGUMENT);
   if (misalign && k.slot_mapping != nullptr && k.num_tokens > 0) EXPECT(st == ADSC_INVALID_ARGUMENT);
   if (!adsc_cuda_compiled()) {
     EXPECT(checked(adsc_write_paged_kv_device(&k, nullptr, nullptr)) == ADSC_NOT_COMPILED);
@@ -632,6 +742,7 @@ int main(int argc, char** argv) {
     fuzz_schedule_format_validate(rng);
     fuzz_plan_sizes(rng);
     fuzz_plan(rng);
+    fuzz_plan_overlap(rng);
     fuzz_plan_huge(rng);
     fuzz_check_summary(rng);
     fuzz_compact(rng);

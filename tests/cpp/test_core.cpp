@@ -73,7 +73,12 @@ adsc::Schedule parse(const char* text) {
 
 constexpr int64_t kImageId = 7;
 
-struct Image { int64_t seq, start, h, w; };
+// An image: an h x w grid at positions start.., in raster order; with nl = 1 every grid row is
+// followed by one newline token (LLaVA-NeXT anyres), so it spans h * (w + 1) positions.
+struct Image {
+  int64_t seq, start, h, w, nl = 0;
+  int64_t tokens() const { return h * (w + nl); }
+};
 
 struct Batch {
   bool padded = false;
@@ -95,8 +100,11 @@ struct Expected {
   std::vector<int32_t> tokens, max_len;
 };
 
-// Kept raster indices of an h x w image after each stage (stage 0 = all).
-std::vector<std::set<int64_t>> naive_kept(int64_t h, int64_t w, const adsc::Schedule& sched) {
+// Kept offsets (within the image's positions) of an h x w image after each stage (stage 0 = all):
+// (row, col) sits at row * (w + nl) + col, and a kept row keeps its newline token at
+// row * (w + nl) + w.
+std::vector<std::set<int64_t>> naive_kept(int64_t h, int64_t w, const adsc::Schedule& sched,
+                                          int64_t nl = 0) {
   std::vector<int64_t> rows, cols;
   for (int64_t i = 0; i < h; ++i) rows.push_back(i);
   for (int64_t i = 0; i < w; ++i) cols.push_back(i);
@@ -109,7 +117,10 @@ std::vector<std::set<int64_t>> naive_kept(int64_t h, int64_t w, const adsc::Sche
   std::vector<std::set<int64_t>> kept;
   auto snapshot = [&] {
     std::set<int64_t> s;
-    for (int64_t r : rows) for (int64_t c : cols) s.insert(r * w + c);
+    for (int64_t r : rows) {
+      for (int64_t c : cols) s.insert(r * (w + nl) + c);
+      if (nl) s.insert(r * (w + nl) + w);
+    }
     kept.push_back(s);
   };
   snapshot();
@@ -133,9 +144,9 @@ Expected naive_plan(const Batch& batch, const adsc::Schedule& sched) {
     for (int64_t b = 0; b < B; ++b)
       for (int64_t p = 0; p < static_cast<int64_t>(batch.rows[b].size()); ++p) alive[s][b].insert(p);
   for (const Image& im : batch.images) {
-    auto kept = naive_kept(im.h, im.w, sched);
+    auto kept = naive_kept(im.h, im.w, sched, im.nl);
     for (int s = 1; s < stages; ++s)
-      for (int64_t r = 0; r < im.h * im.w; ++r)
+      for (int64_t r = 0; r < im.tokens(); ++r)
         if (!kept[s].count(r)) alive[s][im.seq].erase(im.start + r);
   }
   Expected e;
@@ -199,12 +210,17 @@ adsc::PlanParams make_params(const Batch& batch, const adsc::Schedule& sched, bo
   p.mask = batch.padded ? batch.mask.data() : nullptr;
   p.mask_type = adsc::MaskType::kUInt8;
   if (use_spans) {
+    // Five columns (with the newline flag) as soon as one image has newline tokens.
+    bool newline = false;
+    for (const Image& im : batch.images) newline |= im.nl != 0;
     spans->clear();
     for (const Image& im : batch.images) {
       spans->insert(spans->end(), {im.seq, im.start, im.h, im.w});
+      if (newline) spans->push_back(im.nl);
     }
     p.spans = spans->data();
     p.num_spans = static_cast<int64_t>(batch.images.size());
+    p.span_columns = newline ? 5 : 4;
   } else {
     p.input_ids = batch.ids.data();
     p.image_token_id = kImageId;
@@ -430,6 +446,162 @@ void plan_spans() {
   }
   batch.images = {{0, 1, 7, 5}, {0, 36, 2, 2}, {2, 0, 3, 1}, {2, 3, 4, 8}};
   CHECK(run_and_compare(batch, "1:2,2:2", true, 0, 0));
+}
+
+// A batch of spans with their own grids (as Qwen2-VL and LLaVA-NeXT give them), some with a
+// newline token after every grid row, in sequences of text.
+Batch random_span_batch(Rng& rng, bool padded, bool pad_left, int max_seqs, int newline_percent) {
+  Batch batch;
+  batch.padded = padded;
+  batch.pad_left = pad_left;
+  const int B = rng.uniform(1, max_seqs);
+  std::vector<int64_t> lens(B, 0);
+  for (int b = 0; b < B; ++b) {
+    for (int k = rng.uniform(0, 4); k > 0; --k) {
+      if (rng.uniform(0, 1) == 0) {
+        Image im{b, lens[b], rng.uniform(2, 7), rng.uniform(2, 7), 0};
+        im.nl = rng.uniform(0, 99) < newline_percent ? 1 : 0;
+        batch.images.push_back(im);
+        lens[b] += im.tokens();
+      } else {
+        lens[b] += rng.uniform(1, 4);
+      }
+    }
+  }
+  batch.rows.resize(B);
+  int64_t S = 0;
+  for (int64_t n : lens) S = std::max(S, n);
+  if (padded) batch.S = S + rng.uniform(0, 2);
+  if (!padded) batch.cu.push_back(0);
+  for (int b = 0; b < B; ++b) {
+    if (!padded) {
+      for (int64_t p = 0; p < lens[b]; ++p) {
+        batch.rows[b].push_back(batch.T());
+        batch.ids.push_back(1);
+      }
+      batch.cu.push_back(static_cast<int32_t>(batch.T()));
+    } else {
+      const int64_t pad = batch.S - lens[b];
+      for (int64_t j = 0; j < batch.S; ++j) {
+        const bool real = pad_left ? j >= pad : j < lens[b];
+        batch.mask.push_back(real);
+        batch.ids.push_back(1);
+        if (real) batch.rows[b].push_back(b * batch.S + j);
+      }
+    }
+  }
+  return batch;
+}
+
+void plan_newline_spans() {
+  // Spec section 3: a newline belongs to its row. A 2x3 grid + newlines at positions 1..8 of a
+  // 10-token sequence: row 0 = 1 2 3 [4], row 1 = 5 6 7 [8].
+  Batch batch;
+  batch.cu = {0, 10};
+  batch.rows = {{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}};
+  batch.ids.assign(10, 1);
+  batch.images = {{0, 1, 2, 3, 1}};
+  struct Case { const char* schedule; std::vector<int64_t> last; };
+  const Case cases[] = {
+      {"1:2", {0, 2, 3, 4, 6, 7, 8, 9}},   // width 3 halved: columns 1, 2 and both newlines
+      {"1:2,2:2", {0, 3, 4, 7, 8, 9}},     // 2x2 -> width again: column 2
+      {"1:2,2:2,3:2", {0, 7, 8, 9}},       // 2x1 -> rows: row 1 and its newline
+      {"1:4", {0, 6, 7, 8, 9}},            // both sides: row 1, columns 1 and 2, newline
+  };
+  for (const Case& c : cases) {
+    const adsc::Schedule sched = parse(c.schedule);
+    PlanBuffers buf;
+    std::vector<int64_t> spans;
+    adsc::PlanParams p = make_params(batch, sched, true, &spans, &buf, 0, 0);
+    CHECK(p.span_columns == 5 && spans.size() == 5);
+    CHECK_OK(adsc::plan_cpu(p));
+    const int last = sched.num_steps;
+    CHECK(buf.summary[adsc::summary_tokens(last)] == static_cast<int32_t>(c.last.size()));
+    for (size_t i = 0; i < c.last.size(); ++i) CHECK(buf.pos[last * 10 + i] == c.last[i]);
+    CHECK(matches(buf, naive_plan(batch, sched), batch));
+  }
+  // Mixed batches: newline and plain spans of many grids, packed and padded (both sides), against
+  // the naive oracle; factor 4 included.
+  Rng rng(11);
+  const char* scheds[] = {"1:2", "1:4", "1:2,2:2", "2:4,3:2", ""};
+  int compared = 0;
+  for (int trial = 0; trial < 100; ++trial) {
+    const char* sc = scheds[trial % 5];
+    const adsc::Schedule sched = parse(sc);
+    Batch b = random_span_batch(rng, trial % 3 != 0, trial % 2 == 0, 5, 50);
+    bool fits = true;
+    for (const Image& im : b.images)
+      fits &= adsc::grid_fits(static_cast<int>(im.h), static_cast<int>(im.w), sched.factors,
+                              sched.num_steps);
+    if (!fits) continue;
+    CHECK(run_and_compare(b, sc, true, 0, 0));
+    ++compared;
+  }
+  CHECK(compared >= 50);
+  // 1-wide grids: 2x1 + newline halves its rows (h > w); a second step would halve a side of 1.
+  batch.images = {{0, 1, 2, 1, 1}};
+  CHECK(run_and_compare(batch, "1:2", true, 0, 0));
+  PlanBuffers buf;
+  std::vector<int64_t> spans;
+  adsc::PlanParams p = make_params(batch, parse("1:2,2:2"), true, &spans, &buf, 0, 0);
+  CHECK_FAILS(adsc::plan_cpu(p), adsc::Status::kInvalidInput,
+              "image span 0 has a 2x1 grid that the schedule cannot downsample");
+}
+
+void plan_newline_span_errors() {
+  const adsc::Schedule sched = parse("1:2");
+  Batch batch;
+  batch.cu = {0, 3, 12};
+  batch.rows.resize(2);
+  batch.ids.assign(12, 1);
+  PlanBuffers buf;
+  std::vector<int64_t> spans;
+  // 2x3 + newlines = 8 tokens: fits the 9 of sequence 1 from position 1, not from position 2.
+  batch.images = {{1, 2, 2, 3, 1}};
+  adsc::PlanParams p = make_params(batch, sched, true, &spans, &buf, 0, 0);
+  CHECK_FAILS(adsc::plan_cpu(p), adsc::Status::kInvalidInput,
+              "image span 0 (sequence 1, start 2, 2x3 with a newline token per row) does not fit");
+  CHECK_FAILS(adsc::plan_cpu(p), adsc::Status::kInvalidInput,
+              "start + h*(w+1) <= the sequence's length (9)");
+  CHECK(buf.summary[0] == adsc::kPlanSpanOutOfRange && buf.summary[7] == 1);
+  batch.images = {{1, 1, 2, 3, 1}};
+  p = make_params(batch, sched, true, &spans, &buf, 0, 0);
+  CHECK_OK(adsc::plan_cpu(p));
+  // The newline tokens count in the order check: a span inside the previous one's last newline.
+  batch.images = {{1, 0, 2, 2, 1}, {1, 5, 1, 2, 0}};
+  p = make_params(batch, sched, true, &spans, &buf, 0, 0);
+  CHECK_FAILS(adsc::plan_cpu(p), adsc::Status::kInvalidInput,
+              "span 1 starts at (sequence 1, position 5), before the end of the previous span "
+              "(sequence 1, position 6)");
+  // A newline flag other than 0 or 1.
+  for (int64_t bad : {int64_t(2), int64_t(-1), INT64_MAX}) {
+    batch.images = {{1, 0, 2, 2, bad}};
+    p = make_params(batch, sched, true, &spans, &buf, 0, 0);
+    char want[96];
+    std::snprintf(want, sizeof(want), "image span 0 has newline = %lld: expected 0",
+                  static_cast<long long>(bad));
+    CHECK_FAILS(adsc::plan_cpu(p), adsc::Status::kInvalidInput, want);
+    CHECK(buf.summary[0] == adsc::kPlanSpanNewline);
+  }
+  // Span columns other than 4 and 5 are an argument error.
+  p = make_params(batch, sched, true, &spans, &buf, 0, 0);
+  p.span_columns = 6;
+  CHECK_FAILS(adsc::plan_cpu(p), adsc::Status::kInvalidArgument, "got span_columns=6");
+  // int64 span fields are printed as they are (they went through int32), and the summary keeps
+  // them saturated to int32: read back without the spans, they say so.
+  batch.images = {{1, int64_t(1) << 40, 2, 2, 0}};
+  p = make_params(batch, sched, true, &spans, &buf, 0, 0);
+  CHECK_FAILS(adsc::plan_cpu(p), adsc::Status::kInvalidInput,
+              "(sequence 1, start 1099511627776, 2x2)");
+  CHECK(buf.summary[3] == INT32_MAX);
+  CHECK_FAILS(adsc::plan_summary_status(buf.summary.data(), p), adsc::Status::kInvalidInput,
+              "(sequence 1, start >= 2147483647, 2x2)");
+  batch.images = {{-(int64_t(1) << 35), 0, int64_t(1) << 33, 3, 0}};
+  p = make_params(batch, sched, true, &spans, &buf, 0, 0);
+  CHECK_FAILS(adsc::plan_cpu(p), adsc::Status::kInvalidInput,
+              "(sequence -34359738368, start 0, 8589934592x3)");
+  CHECK_FAILS(adsc::plan_summary_status(buf.summary.data(), p), adsc::Status::kInvalidInput,
+              "(sequence <= -2147483648, start 0, >= 2147483647x3)");
 }
 
 void plan_empty() {
@@ -780,6 +952,15 @@ int cuda_plan_matches_cpu() {
     CHECK(cuda_plan_equals_cpu(packed, "1:2", true, 3, 5));
     Batch padded = random_batch(rng, true, trial % 2 == 0, 4, 4, 6);
     CHECK(cuda_plan_equals_cpu(padded, "1:2,2:2,3:2", false, 4, 4));
+    // Spans of their own grids, half of them with newline tokens (5 columns).
+    Batch spans = random_span_batch(rng, trial % 3 == 0, trial % 2 == 0, 6, 50);
+    CHECK(cuda_plan_equals_cpu(spans, trial % 2 ? "1:2" : "1:4", true, 0, 0));
+  }
+  // Span errors (a bad newline flag among them) are the same first error on both.
+  Batch bad_spans = random_span_batch(rng, false, true, 4, 100);
+  if (!bad_spans.images.empty()) {
+    bad_spans.images.back().nl = 3;
+    CHECK(cuda_plan_equals_cpu(bad_spans, "1:2", true, 0, 0));
   }
   // Large enough to cross many 1024-token chunks: 64 sequences of ~2 LLaVA images.
   Rng big(5);
@@ -964,6 +1145,8 @@ int main(int argc, char** argv) {
       {"plan_packed_batch", [] { plan_packed_batch(); return 0; }},
       {"plan_padded_left_right", [] { plan_padded_left_right(); return 0; }},
       {"plan_spans", [] { plan_spans(); return 0; }},
+      {"plan_newline_spans", [] { plan_newline_spans(); return 0; }},
+      {"plan_newline_span_errors", [] { plan_newline_span_errors(); return 0; }},
       {"plan_empty", [] { plan_empty(); return 0; }},
       {"plan_errors", [] { plan_errors(); return 0; }},
       {"compact_tokens", [] { compact_tokens_rows(); return 0; }},

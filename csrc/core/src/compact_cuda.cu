@@ -114,7 +114,7 @@ void dispatch_scatter_add(const ScatterAddRowsParams& p, int32_t* error_flag, cu
 
 Status compact_tokens_cuda(const CompactTokensParams& p, int32_t* error_flag,
                         adsc_stream_t stream) noexcept {
-  ADSC_RETURN_IF_ERROR(detail::check_compact_params(p));
+  ADSC_RETURN_IF_ERROR(detail::check_compact_params(p, error_flag));
   if (p.dst_rows == 0 || p.row_bytes == 0) return Status::kOk;
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   if (p.index_is_int64) dispatch_gather<int64_t>(p, error_flag, s);
@@ -124,7 +124,7 @@ Status compact_tokens_cuda(const CompactTokensParams& p, int32_t* error_flag,
 
 Status scatter_add_rows_cuda(const ScatterAddRowsParams& p, int32_t* error_flag,
                              adsc_stream_t stream) noexcept {
-  ADSC_RETURN_IF_ERROR(detail::check_scatter_params(p));
+  ADSC_RETURN_IF_ERROR(detail::check_scatter_params(p, error_flag));
   if (p.src_rows == 0 || p.row_elems == 0) return Status::kOk;
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   if (p.index_is_int64) dispatch_scatter_add<int64_t>(p, error_flag, s);

@@ -7,7 +7,8 @@
 namespace adsc {
 namespace detail {
 
-inline Status check_compact_params(const CompactTokensParams& p) {
+// error_flag: the CUDA path's flag (device int32, nullable), a buffer of the call too.
+inline Status check_compact_params(const CompactTokensParams& p, const int32_t* error_flag = nullptr) {
   if (p.src_rows < 0 || p.dst_rows < 0 || p.row_bytes < 0)
     return fail(Status::kInvalidArgument, "compact: sizes must be >= 0 (src_rows=%lld, "
                 "dst_rows=%lld, row_bytes=%lld)", static_cast<long long>(p.src_rows),
@@ -23,21 +24,21 @@ inline Status check_compact_params(const CompactTokensParams& p) {
     return fail(Status::kInvalidArgument, "compact: row strides (%lld, %lld bytes) must be at "
                 "least the row size (%lld bytes)", static_cast<long long>(p.src_row_stride),
                 static_cast<long long>(p.dst_row_stride), static_cast<long long>(p.row_bytes));
-  ADSC_RETURN_IF_ERROR(check_aligned("compact", "index", p.index, p.index_is_int64 ? 8 : 4));
-  Extent src, dst;
-  ADSC_RETURN_IF_ERROR(row_extent("compact", "src", p.src, p.src_rows, p.src_row_stride,
-                                  p.row_bytes, &src));
-  ADSC_RETURN_IF_ERROR(row_extent("compact", "dst", p.dst, p.dst_rows, p.dst_row_stride,
-                                  p.row_bytes, &dst));
-  ADSC_RETURN_IF_ERROR(check_no_overlap("compact", "dst", dst, "src", src));
-  return Status::kOk;
+  const int64_t isize = p.index_is_int64 ? 8 : 4;
+  return BufferSet("compact")
+      .rows("src", p.src, p.src_rows, p.src_row_stride, p.row_bytes)
+      .rows("dst", p.dst, p.dst_rows, p.dst_row_stride, p.row_bytes, BufferSet::kWritten)
+      .array("index", p.index, p.dst_rows, isize)
+      .array("error_flag", error_flag, 1, 4, BufferSet::kWritten)
+      .check();
 }
 
 inline int dtype_bytes(DType dtype) {
   return dtype == DType::kFloat64 ? 8 : dtype == DType::kFloat32 ? 4 : 2;
 }
 
-inline Status check_scatter_params(const ScatterAddRowsParams& p) {
+inline Status check_scatter_params(const ScatterAddRowsParams& p,
+                                   const int32_t* error_flag = nullptr) {
   if (p.src_rows < 0 || p.dst_rows < 0 || p.row_elems < 0)
     return fail(Status::kInvalidArgument, "scatter_add: sizes must be >= 0");
   const int32_t dtype = static_cast<int32_t>(p.dtype);
@@ -55,17 +56,15 @@ inline Status check_scatter_params(const ScatterAddRowsParams& p) {
   if (p.row_elems > kMaxElems || p.src_row_stride > kMaxElems || p.dst_row_stride > kMaxElems)
     return fail(Status::kInvalidArgument, "scatter_add: row sizes and strides must be below 2^60 "
                 "elements");
-  ADSC_RETURN_IF_ERROR(check_aligned("scatter_add", "index", p.index, p.index_is_int64 ? 8 : 4));
-  ADSC_RETURN_IF_ERROR(check_aligned("scatter_add", "src", p.src, static_cast<uintptr_t>(esize)));
-  ADSC_RETURN_IF_ERROR(check_aligned("scatter_add", "dst", p.dst, static_cast<uintptr_t>(esize)));
-  Extent src, dst;
-  ADSC_RETURN_IF_ERROR(row_extent("scatter_add", "src", p.src, p.src_rows,
-                                  p.src_row_stride * esize, p.row_elems * esize, &src));
   // dst is only written where an index points, but every row may be: its whole extent counts.
-  ADSC_RETURN_IF_ERROR(row_extent("scatter_add", "dst", p.dst, p.dst_rows,
-                                  p.dst_row_stride * esize, p.row_elems * esize, &dst));
-  ADSC_RETURN_IF_ERROR(check_no_overlap("scatter_add", "dst", dst, "src", src));
-  return Status::kOk;
+  return BufferSet("scatter_add")
+      .rows("src", p.src, p.src_rows, p.src_row_stride * esize, p.row_elems * esize, false,
+            static_cast<uintptr_t>(esize))
+      .rows("dst", p.dst, p.dst_rows, p.dst_row_stride * esize, p.row_elems * esize,
+            BufferSet::kWritten, static_cast<uintptr_t>(esize))
+      .array("index", p.index, p.src_rows, p.index_is_int64 ? 8 : 4)
+      .array("error_flag", error_flag, 1, 4, BufferSet::kWritten)
+      .check();
 }
 
 }  // namespace detail

@@ -54,7 +54,7 @@ void launch(const PagedKVParams& p, int32_t* error_flag, cudaStream_t stream) {
 
 Status write_paged_kv_cuda(const PagedKVParams& p, int32_t* error_flag,
                            adsc_stream_t stream) noexcept {
-  ADSC_RETURN_IF_ERROR(detail::check_paged_kv_params(p));
+  ADSC_RETURN_IF_ERROR(detail::check_paged_kv_params(p, error_flag));
   if (p.num_tokens == 0 || p.row_bytes == 0) return Status::kOk;
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const uintptr_t bits =

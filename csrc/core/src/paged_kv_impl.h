@@ -7,7 +7,8 @@
 namespace adsc {
 namespace detail {
 
-inline Status check_paged_kv_params(const PagedKVParams& p) {
+// error_flag: the CUDA path's flag (device int32, nullable), a buffer of the call too.
+inline Status check_paged_kv_params(const PagedKVParams& p, const int32_t* error_flag = nullptr) {
   constexpr const char* kFn = "write_paged_kv";
   if (p.num_tokens < 0 || p.num_slots < 0 || p.row_bytes < 0)
     return fail(Status::kInvalidArgument, "write_paged_kv: sizes must be >= 0 (num_tokens=%lld, "
@@ -28,21 +29,15 @@ inline Status check_paged_kv_params(const PagedKVParams& p) {
                 "%lld bytes) must be at least the row size (%lld bytes)",
                 static_cast<long long>(p.key_stride), static_cast<long long>(p.value_stride),
                 static_cast<long long>(p.cache_stride), static_cast<long long>(p.row_bytes));
-  ADSC_RETURN_IF_ERROR(check_aligned(kFn, "slot_mapping", p.slot_mapping, 8));
-  Extent key, value, key_cache, value_cache;
-  ADSC_RETURN_IF_ERROR(row_extent(kFn, "key", p.key, p.num_tokens, p.key_stride, p.row_bytes, &key));
-  ADSC_RETURN_IF_ERROR(
-      row_extent(kFn, "value", p.value, p.num_tokens, p.value_stride, p.row_bytes, &value));
-  ADSC_RETURN_IF_ERROR(row_extent(kFn, "key_cache", p.key_cache, p.num_slots, p.cache_stride,
-                                  p.row_bytes, &key_cache));
-  ADSC_RETURN_IF_ERROR(row_extent(kFn, "value_cache", p.value_cache, p.num_slots, p.cache_stride,
-                                  p.row_bytes, &value_cache));
-  ADSC_RETURN_IF_ERROR(check_no_overlap(kFn, "key_cache", key_cache, "key", key));
-  ADSC_RETURN_IF_ERROR(check_no_overlap(kFn, "key_cache", key_cache, "value", value));
-  ADSC_RETURN_IF_ERROR(check_no_overlap(kFn, "value_cache", value_cache, "key", key));
-  ADSC_RETURN_IF_ERROR(check_no_overlap(kFn, "value_cache", value_cache, "value", value));
-  ADSC_RETURN_IF_ERROR(check_no_overlap(kFn, "key_cache", key_cache, "value_cache", value_cache));
-  return Status::kOk;
+  return BufferSet(kFn)
+      .rows("key", p.key, p.num_tokens, p.key_stride, p.row_bytes)
+      .rows("value", p.value, p.num_tokens, p.value_stride, p.row_bytes)
+      .rows("key_cache", p.key_cache, p.num_slots, p.cache_stride, p.row_bytes, BufferSet::kWritten)
+      .rows("value_cache", p.value_cache, p.num_slots, p.cache_stride, p.row_bytes,
+            BufferSet::kWritten)
+      .array("slot_mapping", p.slot_mapping, p.num_tokens, 8)
+      .array("error_flag", error_flag, 1, 4, BufferSet::kWritten)
+      .check();
 }
 
 }  // namespace detail

@@ -35,7 +35,6 @@ Status check_plan_params(const PlanParams& p) noexcept {
   if (p.layout == Layout::kPacked) {
     if (p.cu_seqlens == nullptr)
       return fail(Status::kInvalidArgument, "plan: the packed layout needs cu_seqlens [B+1]");
-    ADSC_RETURN_IF_ERROR(detail::check_aligned("plan", "cu_seqlens", p.cu_seqlens, 4));
   } else {
     // B * S == T, tested without the product (which may overflow for a bad S).
     const int64_t S = p.padded_len;
@@ -54,8 +53,6 @@ Status check_plan_params(const PlanParams& p) noexcept {
                   "1 (int32) or 2 (int64)", mask_type);
     if (T > 0 && p.mask == nullptr)
       return fail(Status::kInvalidArgument, "plan: the padded layout needs a mask [B, S]");
-    const uintptr_t mask_align = p.mask_type == MaskType::kInt64 ? 8 : p.mask_type == MaskType::kInt32 ? 4 : 1;
-    ADSC_RETURN_IF_ERROR(detail::check_aligned("plan", "mask", p.mask, mask_align));
   }
   if (p.num_steps < 0 || p.num_steps > kMaxSteps)
     return fail(Status::kInvalidArgument, "plan: a schedule has 0..%d steps, got %d", kMaxSteps,
@@ -71,6 +68,9 @@ Status check_plan_params(const PlanParams& p) noexcept {
     return fail(Status::kInvalidArgument, "plan: num_spans=%lld needs 0 <= num_spans <= %lld and "
                 "a spans pointer", static_cast<long long>(p.num_spans),
                 static_cast<long long>(kPlanMaxTokens));
+  if (p.span_columns != 4 && p.span_columns != 5)
+    return fail(Status::kInvalidArgument, "plan: spans have 4 columns (sequence, start, h, w) or 5 "
+                "(and newline), got span_columns=%d", p.span_columns);
   if (p.input_ids != nullptr) {
     if (p.grid_h < 1 || p.grid_w < 1 || static_cast<int64_t>(p.grid_h) * p.grid_w > (1 << 30))
       return fail(Status::kInvalidArgument, "plan: image grid must have positive sides and at most "
@@ -85,17 +85,58 @@ Status check_plan_params(const PlanParams& p) noexcept {
                 "plan: workspace, index, source_index and position_ids must not be null");
   if (p.cu_seqlens_out == nullptr || p.summary == nullptr)
     return fail(Status::kInvalidArgument, "plan: cu_seqlens_out and summary must not be null");
-  const struct { const char* what; const void* ptr; uintptr_t alignment; } typed[] = {
-      {"input_ids", p.input_ids, 8},       {"spans", p.spans, 8},
-      {"workspace", p.workspace, 4},       {"index", p.index, 4},
-      {"source_index", p.source_index, 4}, {"position_ids", p.position_ids, 8},
-      {"cu_seqlens_out", p.cu_seqlens_out, 4}, {"summary", p.summary, 4}};
-  for (const auto& t : typed) ADSC_RETURN_IF_ERROR(detail::check_aligned("plan", t.what, t.ptr, t.alignment));
-  return Status::kOk;
+  // Every buffer at the size the call declares; outputs and scratch must not share bytes with
+  // anything else (a plan reading what it writes would return a wrong plan).
+  const int64_t stages = p.num_steps + 1;
+  const int64_t mask_bytes = p.mask_type == MaskType::kInt64 ? 8 : p.mask_type == MaskType::kInt32 ? 4 : 1;
+  const bool packed = p.layout == Layout::kPacked;
+  constexpr bool kWritten = detail::BufferSet::kWritten;
+  return detail::BufferSet("plan")
+      .array("cu_seqlens", packed ? p.cu_seqlens : nullptr, B + 1, 4)
+      .array("mask", packed ? nullptr : p.mask, T, mask_bytes)
+      .array("input_ids", p.input_ids, T, 8)
+      .array("spans", p.spans, p.num_spans * p.span_columns, 8)
+      .array("workspace", p.workspace, plan_workspace_size(T, p.num_steps), 4, kWritten)
+      .array("index", p.index, stages * T, 4, kWritten)
+      .array("source_index", p.source_index, stages * T, 4, kWritten)
+      .array("position_ids", p.position_ids, stages * T, 8, kWritten)
+      .array("cu_seqlens_out", p.cu_seqlens_out, stages * (B + 1), 4, kWritten)
+      .array("summary", p.summary, plan_summary_size(p.num_steps), 4, kWritten)
+      .check();
 }
 
+namespace {
+
+// A detail of a span error for a message: exact when it comes from the spans themselves, else
+// from the summary, where INT32_MAX / INT32_MIN stand for any value beyond them.
+struct Detail {
+  char text[32];
+};
+Detail detail_text(int64_t v, bool saturated) {
+  Detail d;
+  if (saturated && v >= INT32_MAX) std::snprintf(d.text, sizeof(d.text), ">= %d", INT32_MAX);
+  else if (saturated && v <= INT32_MIN) std::snprintf(d.text, sizeof(d.text), "<= %d", INT32_MIN);
+  else std::snprintf(d.text, sizeof(d.text), "%lld", static_cast<long long>(v));
+  return d;
+}
+
+}  // namespace
+
 Status plan_summary_status(const int32_t* summary, const PlanParams& p) noexcept {
+  return plan_summary_status(summary, p, nullptr);
+}
+
+Status plan_summary_status(const int32_t* summary, const PlanParams& p,
+                           const int64_t* host_spans) noexcept {
   const int32_t* d = summary + 1;
+  // The span of a span error, exactly, when the caller has the spans on the host.
+  const bool exact = host_spans != nullptr && d[0] >= 0 && d[0] < p.num_spans &&
+                     (p.span_columns == 4 || p.span_columns == 5);
+  const int64_t* span = exact ? host_spans + static_cast<int64_t>(p.span_columns) * d[0] : nullptr;
+  auto field = [&](int column, int32_t from_summary) {
+    if (span == nullptr) return detail_text(from_summary, true);
+    return detail_text(column < p.span_columns ? span[column] : 0, false);
+  };
   switch (summary[0]) {
     case kPlanOk:
       return Status::kOk;
@@ -109,11 +150,16 @@ Status plan_summary_status(const int32_t* summary, const PlanParams& p) noexcept
                   "position %d is not a whole number of %dx%d images (%lld tokens each)", d[0],
                   d[2], static_cast<long long>(p.image_token_id), d[1], p.grid_h, p.grid_w,
                   static_cast<long long>(p.grid_h) * p.grid_w);
-    case kPlanSpanOutOfRange:
-      return fail(Status::kInvalidInput, "image span %d (sequence %d, start %d, %dx%d) does not "
-                  "fit: expected 0 <= sequence < %lld, start >= 0, sides >= 1 and start + h*w <= "
-                  "the sequence's length (%d)", d[0], d[1], d[2], d[3], d[4],
-                  static_cast<long long>(p.batch_size), d[5]);
+    case kPlanSpanOutOfRange: {
+      const bool newline = d[6] == 1;
+      return fail(Status::kInvalidInput, "image span %d (sequence %s, start %s, %sx%s%s) does "
+                  "not fit: expected 0 <= sequence < %lld, start >= 0, sides >= 1 (at most %lld) "
+                  "and start + %s <= the sequence's length (%d)", d[0], field(0, d[1]).text,
+                  field(1, d[2]).text, field(2, d[3]).text, field(3, d[4]).text,
+                  newline ? " with a newline token per row" : "",
+                  static_cast<long long>(p.batch_size), static_cast<long long>(kPlanMaxSpanSide),
+                  newline ? "h*(w+1)" : "h*w", d[5]);
+    }
     case kPlanSpanOrder:
       return fail(Status::kInvalidInput, "image spans must be sorted by (sequence, start) and "
                   "must not overlap: span %d starts at (sequence %d, position %d), before the end "
@@ -121,6 +167,10 @@ Status plan_summary_status(const int32_t* summary, const PlanParams& p) noexcept
     case kPlanSpanGrid:
       return fail(Status::kInvalidInput, "image span %d has a %dx%d grid that the schedule cannot "
                   "downsample: it would halve a side of length 1", d[0], d[1], d[2]);
+    case kPlanSpanNewline:
+      return fail(Status::kInvalidInput, "image span %d has newline = %s: expected 0 (an h x w "
+                  "grid) or 1 (each of its h rows ends with a newline token)", d[0],
+                  field(4, d[1]).text);
     default:
       return fail(Status::kInvalidInput, "plan: unknown error code %d", summary[0]);
   }

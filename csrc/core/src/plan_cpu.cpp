@@ -10,7 +10,7 @@ namespace {
 
 void report(int32_t* summary, int32_t code, const int64_t* details, int n) {
   summary[0] = code;
-  for (int i = 0; i < n; ++i) summary[1 + i] = static_cast<int32_t>(details[i]);
+  for (int i = 0; i < n; ++i) summary[1 + i] = detail::saturate_int32(details[i]);
 }
 
 // Phase 2 from runs of image tokens: walks each row's real tokens in position order (padding is
@@ -94,11 +94,11 @@ Status plan_cpu(const PlanParams& p) noexcept {
     if (!depths_from_runs(p, ws)) return plan_summary_status(p.summary, p);
   } else {
     for (int64_t i = 0; i < p.num_spans; ++i) {
-      int64_t d[6];
+      int64_t d[7];
       const int32_t code = detail::check_span(p, i, cu0, d);
       if (code != kPlanOk) {
-        report(p.summary, code, d, 6);
-        return plan_summary_status(p.summary, p);
+        report(p.summary, code, d, 7);
+        return plan_summary_status(p.summary, p, p.spans);  // the spans are host memory here
       }
     }
     for (int64_t t = 0; t < T; ++t)

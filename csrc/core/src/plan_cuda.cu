@@ -51,7 +51,7 @@ __device__ int64_t block_scan(int64_t x, Op op, int64_t* smem, int64_t* total) {
 
 __device__ void report(int32_t* summary, int32_t code, const int64_t* details, int n) {
   if (atomicCAS(summary, 0, code) == 0)
-    for (int i = 0; i < n; ++i) summary[1 + i] = static_cast<int32_t>(details[i]);
+    for (int i = 0; i < n; ++i) summary[1 + i] = detail::saturate_int32(details[i]);
 }
 
 constexpr long long kNoError = 0x7fffffffffffffffLL;
@@ -175,13 +175,13 @@ __global__ void __launch_bounds__(kThreads) plan_kernel(const PlanParams p) {
   } else {
     long long bad = kNoError;  // the lowest bad span of this thread
     for (int64_t i = tid; i < p.num_spans && bad == kNoError; i += kThreads) {
-      int64_t d[6];
+      int64_t d[7];
       if (detail::check_span(p, i, cu0, d) != kPlanOk) bad = i;
     }
     if (block_min(bad, &first_error) == bad && bad != kNoError) {
-      int64_t d[6];
+      int64_t d[7];
       const int32_t code = detail::check_span(p, bad, cu0, d);
-      report(p.summary, code, d, 6);
+      report(p.summary, code, d, 7);
     }
     if (failed(p.summary)) return;
     for (int64_t t = tid; t < T; t += kThreads)

@@ -67,42 +67,64 @@ ADSC_HD bool is_image_token(const PlanParams& p, int64_t t) {
   return token_is_real(p, t) && p.input_ids[t] == p.image_token_id;
 }
 
+// Span i's row of p.spans: (sequence, start, h, w[, newline]).
+ADSC_HD const int64_t* span_at(const PlanParams& p, int64_t i) { return p.spans + p.span_columns * i; }
+// Its newline flag: 1 when every grid row ends with a newline token (0 with 4 columns).
+ADSC_HD int64_t span_newline(const PlanParams& p, const int64_t* s) {
+  return p.span_columns == 5 ? s[4] : 0;
+}
+
+// A detail of the summary, which is int32: values outside int32 saturate.
+ADSC_HD int32_t saturate_int32(int64_t v) {
+  return v > INT32_MAX ? INT32_MAX : v < INT32_MIN ? INT32_MIN : static_cast<int32_t>(v);
+}
+
 // Depth of a real token at position `pos` of sequence b when images come from spans: binary search
-// for the last span starting at or before (b, pos).
+// for the last span starting at or before (b, pos). A span's grid row is w tokens, plus the row's
+// newline token when the span has one.
 ADSC_HD int32_t span_depth(const PlanParams& p, int64_t b, int64_t pos) {
   int64_t lo = -1, hi = p.num_spans;  // spans[lo] <= (b, pos) < spans[hi]
   while (hi - lo > 1) {
     const int64_t mid = (lo + hi) / 2;
-    const int64_t* s = p.spans + 4 * mid;
+    const int64_t* s = span_at(p, mid);
     if (s[0] < b || (s[0] == b && s[1] <= pos)) lo = mid; else hi = mid;
   }
   if (lo >= 0) {
-    const int64_t* s = p.spans + 4 * lo;
-    const int64_t h = s[2], w = s[3];
-    if (s[0] == b && pos < s[1] + h * w)
-      return survived_steps(static_cast<int>(pos - s[1]), static_cast<int>(h),
-                            static_cast<int>(w), p.factors, p.num_steps);
+    const int64_t* s = span_at(p, lo);
+    const int64_t h = s[2], w = s[3], row_len = w + span_newline(p, s);
+    if (s[0] == b && pos < s[1] + h * row_len) {
+      const int64_t r = pos - s[1];
+      return survived_steps_at(static_cast<int>(r / row_len), static_cast<int>(r % row_len),
+                               static_cast<int>(h), static_cast<int>(w), p.factors, p.num_steps);
+    }
   }
   return p.num_steps;
 }
 
-// Checks span i against its sequence and its predecessor; returns a PlanError and its details.
+// Checks span i against its sequence and its predecessor; returns a PlanError and its details
+// (d[7], exact int64 values; the summary keeps them saturated to int32).
 ADSC_HD int32_t check_span(const PlanParams& p, int64_t i, const int32_t* cu0, int64_t* d) {
-  const int64_t* s = p.spans + 4 * i;
-  const int64_t b = s[0], start = s[1], h = s[2], w = s[3];
+  const int64_t* s = span_at(p, i);
+  const int64_t b = s[0], start = s[1], h = s[2], w = s[3], nl = span_newline(p, s);
   const int64_t len = (b >= 0 && b < p.batch_size) ? cu0[b + 1] - cu0[b] : -1;
-  d[0] = i; d[1] = b; d[2] = start; d[3] = h; d[4] = w; d[5] = len;
+  d[0] = i; d[1] = b; d[2] = start; d[3] = h; d[4] = w; d[5] = len; d[6] = nl;
+  if (nl != 0 && nl != 1) {
+    d[1] = nl;
+    return kPlanSpanNewline;
+  }
   // Ordered so that nothing overflows, whatever the values: start <= len bounds the subtraction
   // and sides <= 2^20 the product.
-  if (len < 0 || start < 0 || start > len || h < 1 || w < 1 || h > (1 << 20) || w > (1 << 20) ||
-      h * w > len - start)
+  if (len < 0 || start < 0 || start > len || h < 1 || w < 1 || h > kPlanMaxSpanSide ||
+      w > kPlanMaxSpanSide || h * (w + nl) > len - start)
     return kPlanSpanOutOfRange;
   if (i > 0) {
-    const int64_t* q = p.spans + 4 * (i - 1);
-    // An insane predecessor reports its own range error first (it has the lower index).
+    const int64_t* q = span_at(p, i - 1);
+    const int64_t q_nl = span_newline(p, q);
+    // An insane predecessor reports its own error first (it has the lower index).
     const bool q_sane = q[1] >= 0 && q[1] <= (int64_t(1) << 40) && q[2] >= 1 &&
-                        q[2] <= (1 << 20) && q[3] >= 1 && q[3] <= (1 << 20);
-    const int64_t prev_end = q_sane ? q[1] + q[2] * q[3] : 0;
+                        q[2] <= kPlanMaxSpanSide && q[3] >= 1 && q[3] <= kPlanMaxSpanSide &&
+                        (q_nl == 0 || q_nl == 1);
+    const int64_t prev_end = q_sane ? q[1] + q[2] * (q[3] + q_nl) : 0;
     if (q[0] > b || (q_sane && q[0] == b && prev_end > start)) {
       d[3] = q[0]; d[4] = prev_end;
       return kPlanSpanOrder;

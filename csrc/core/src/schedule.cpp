@@ -3,6 +3,8 @@
 #include <cstdio>
 #include <cstring>
 
+#include "checks.h"
+
 namespace adsc {
 namespace {
 
@@ -134,6 +136,12 @@ Status validate_schedule(const Schedule& schedule, int num_layers, int grid_h, i
   if (grid_h < 1 || grid_w < 1)
     return fail(Status::kInvalidArgument, "an image grid needs positive sides, got %dx%d", grid_h,
                 grid_w);
+  // The two outputs: aligned, and not sharing bytes (each would overwrite the other's grids).
+  constexpr bool kWritten = detail::BufferSet::kWritten;
+  ADSC_RETURN_IF_ERROR(detail::BufferSet("validate_schedule")
+                           .array("grids_h", grids_h, schedule.num_steps + 1, sizeof(int), kWritten)
+                           .array("grids_w", grids_w, schedule.num_steps + 1, sizeof(int), kWritten)
+                           .check());
   int h = grid_h, w = grid_w;
   if (grids_h) grids_h[0] = h;
   if (grids_w) grids_w[0] = w;

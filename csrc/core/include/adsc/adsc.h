@@ -15,14 +15,19 @@
  *     *_host functions take host pointers; *_device functions take device pointers, enqueue their
  *     work on `stream` (NULL: the default stream) and return without waiting.
  *   - Shapes are written beside each pointer, row-major: [T, ...] means T rows.
- *   - Every typed pointer must be aligned to its element type (int32_t: 4 bytes, int64_t: 8, a mask
- *     to its mask_type); a misaligned one is an ADSC_INVALID_ARGUMENT. Rows of bytes (the rows
- *     compaction and paged KV writes copy) need no alignment.
+ *   - Every typed pointer must be aligned to its type (int32_t: 4 bytes, int64_t: 8, a mask to its
+ *     mask_type, a struct such as adsc_plan_params to its alignment); a misaligned one is an
+ *     ADSC_INVALID_ARGUMENT. Rows of bytes (the rows compaction and paged KV writes copy) need no
+ *     alignment.
  *   - Sizes and strides are checked before any arithmetic with them: a size or extent (rows - 1) *
  *     stride + row size that overflows int64 or the address space is an ADSC_INVALID_ARGUMENT.
  *   - Enum-valued fields are int32_t holding the enum's value, checked before use.
- *   - Buffers a call writes must not overlap the buffers it reads (their byte ranges
- *     [base, base + extent)); an overlap is an ADSC_INVALID_ARGUMENT.
+ *   - A buffer a call writes must not share a byte with any other buffer of the call, read or
+ *     written (byte ranges [base, base + extent), extents as the call's sizes declare them, e.g.
+ *     [num_steps + 1, T] for a plan's index); an overlap is an ADSC_INVALID_ARGUMENT that names
+ *     both buffers, reported before anything is read or written. The device calls' error_flag is
+ *     one of their buffers. Buffers a call only reads may share bytes. Input structs passed by
+ *     pointer (params, schedule) are copied on entry and may be anywhere.
  *   - *_device functions return ADSC_NOT_COMPILED in a build without CUDA (adsc_cuda_compiled()).
  *     Their `error_flag` (nullable) is a device pointer to an int32 the caller zeroes beforehand;
  *     a kernel sets it to 1 on a bad index or slot and never resets it.
@@ -86,7 +91,9 @@ ADSC_API adsc_status adsc_schedule_parse(const char* text, adsc_schedule* out);
  * hand is checked first: layers >= 1 and strictly increasing, factors 2 or 4. */
 ADSC_API adsc_status adsc_schedule_format(const adsc_schedule* schedule, char* buffer, size_t size);
 /* Checks *schedule against a model of num_layers decoder layers and a grid_h x grid_w image grid.
- * grids_h / grids_w (nullable, [num_steps + 1]) receive the grid of every stage. */
+ * grids_h / grids_w (nullable, [num_steps + 1] each, not overlapping) receive the grid of every
+ * stage. An image whose grid rows each end with a newline token (spans with newline = 1) keeps
+ * grids_h[s] * (grids_w[s] + 1) tokens at stage s. */
 ADSC_API adsc_status adsc_schedule_validate(const adsc_schedule* schedule, int32_t num_layers,
                                             int32_t grid_h, int32_t grid_w, int32_t* grids_h,
                                             int32_t* grids_w);
@@ -112,7 +119,13 @@ typedef enum adsc_mask_type { ADSC_MASK_UINT8 = 0, ADSC_MASK_INT32 = 1, ADSC_MAS
  * adsc_plan_error). Images are runs of image_token_id in input_ids, each run a whole number of
  * grid_h x grid_w images in raster order, or, when input_ids is NULL, the spans. Padding has no
  * position: it neither splits nor ends a run. The plan uses the schedule's factors only: check its
- * layers against the model with adsc_schedule_validate. */
+ * layers against the model with adsc_schedule_validate.
+ *
+ * Spans with a newline column (adsc_plan_host2 / adsc_plan_device2 with span_columns = 5): rows
+ * (sequence, start, h, w, newline). newline = 1 is a LLaVA-NeXT / OneVision anyres grid: h rows of
+ * w grid tokens, each row followed by one newline token, h * (w + 1) consecutive positions. The
+ * grid is downsampled as an h x w grid (the newline column is not a column of it), and a row's
+ * newline token is kept exactly while its row is. newline = 0 is a plain h x w span. */
 typedef struct adsc_plan_params {
   int32_t layout;                /* an adsc_layout */
   int64_t num_tokens;            /* T: 0 .. ADSC_PLAN_MAX_TOKENS */
@@ -125,7 +138,8 @@ typedef struct adsc_plan_params {
   int64_t image_token_id;
   int32_t grid_h, grid_w;        /* the grid of every image found in input_ids */
   const int64_t* spans;          /* [num_spans, 4]: (sequence, start position, h, w), sorted by
-                                    (sequence, start), not overlapping; used when input_ids is NULL */
+                                    (sequence, start), not overlapping; used when input_ids is NULL
+                                    ([num_spans, 5] with a newline column: adsc_plan_host2) */
   int64_t num_spans;             /* 0 .. ADSC_PLAN_MAX_TOKENS */
   const adsc_schedule* schedule; /* its factors drive the plan */
   int32_t pad_left;              /* padded layout: 1 = stages >= 1 are left-padded, 0 = right */
@@ -139,15 +153,18 @@ typedef struct adsc_plan_params {
 
 /* The data error of a plan: summary[ADSC_PLAN_SUMMARY_ERROR] holds one of these and the next
  * entries its details (sequence indices are those of the batch given), so a service can reject
- * just the request at fault. */
+ * just the request at fault. Details are int32: a span field outside int32 is saturated to
+ * INT32_MIN / INT32_MAX (adsc_plan_host's message prints the exact value). */
 #define ADSC_PLAN_SUMMARY_ERROR 0
 typedef enum adsc_plan_error {
   ADSC_PLAN_OK = 0,
   ADSC_PLAN_BAD_CU_SEQLENS = 1,     /* details: b, cu_seqlens[b], cu_seqlens[b+1] */
   ADSC_PLAN_PARTIAL_IMAGE = 2,      /* details: sequence, first position of the run, run length */
-  ADSC_PLAN_SPAN_OUT_OF_RANGE = 3,  /* details: span, sequence, start, h, w, sequence length */
+  ADSC_PLAN_SPAN_OUT_OF_RANGE = 3,  /* details: span, sequence, start, h, w, sequence length,
+                                       newline (0 or 1) */
   ADSC_PLAN_SPAN_ORDER = 4,         /* details: span, sequence, start, previous sequence, previous end */
-  ADSC_PLAN_SPAN_GRID = 5           /* details: span, h, w */
+  ADSC_PLAN_SPAN_GRID = 5,          /* details: span, h, w */
+  ADSC_PLAN_SPAN_NEWLINE = 6        /* details: span, newline (a value other than 0 or 1) */
 } adsc_plan_error;
 
 /* Most tokens (and sequences, and spans) of one plan: token and row indices are int32. */
@@ -170,6 +187,13 @@ ADSC_API adsc_status adsc_plan_host(const adsc_plan_params* params);
  * launch on `stream`. Copy summary to the host once it is done, then call adsc_plan_check_summary
  * for the data errors. */
 ADSC_API adsc_status adsc_plan_device(const adsc_plan_params* params, adsc_stream_t stream);
+/* The same with spans of span_columns columns: 4 (what adsc_plan_host / adsc_plan_device read) or
+ * 5, (sequence, start, h, w, newline). New entry points beside the two above, which keep their
+ * signature and struct: callers built against an earlier adsc.h work unchanged (source and
+ * binary). */
+ADSC_API adsc_status adsc_plan_host2(const adsc_plan_params* params, int32_t span_columns);
+ADSC_API adsc_status adsc_plan_device2(const adsc_plan_params* params, int32_t span_columns,
+                                       adsc_stream_t stream);
 /* Turns a host copy of a summary into a status (and a message for adsc_last_error). Only the
  * scalar fields of params are read (the buffers may be device pointers). */
 ADSC_API adsc_status adsc_plan_check_summary(const int32_t* host_summary,

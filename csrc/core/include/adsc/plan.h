@@ -12,8 +12,10 @@
 // slots hold index -1, source_index -1 and position id 1.
 //
 // Images are either runs of `image_token_id` in input_ids (each run k * grid_h * grid_w tokens long,
-// k whole images in raster order), or explicit spans (sequence, start position, h, w) sorted by
-// (sequence, start). Outputs have a capacity of T slots per stage; the stage's real size is in the
+// k whole images in raster order), or explicit spans (sequence, start position, h, w[, newline])
+// sorted by (sequence, start). A span with newline = 1 is an h x w grid whose rows each end with one
+// newline token (LLaVA-NeXT / OneVision anyres): h * (w + 1) tokens, and a newline token is kept
+// exactly while its row is (halving columns never removes it). Outputs have a capacity of T slots per stage; the stage's real size is in the
 // summary. plan_cuda is one kernel launch; its summary stays on the device until the caller copies
 // it back (the one host-device synchronisation of a batch) and passes it to plan_summary_status.
 #pragma once
@@ -39,15 +41,20 @@ constexpr int plan_summary_size(int num_steps) { return kSummaryHeader + 2 * (nu
 constexpr int summary_tokens(int stage) { return kSummaryHeader + 2 * stage; }
 constexpr int summary_max_len(int stage) { return kSummaryHeader + 2 * stage + 1; }
 
-// Data errors found while planning (the summary's header).
+// Data errors found while planning (the summary's header). Details are int32: a value outside
+// int32 (a span field can be any int64) is saturated to INT32_MIN / INT32_MAX.
 enum PlanError : int32_t {
   kPlanOk = 0,
   kPlanBadCuSeqlens = 1,   // [b, cu[b], cu[b+1]]
   kPlanPartialImage = 2,   // [sequence, start position, run length]
-  kPlanSpanOutOfRange = 3, // [span, sequence, start, h, w, sequence length]
+  kPlanSpanOutOfRange = 3, // [span, sequence, start, h, w, sequence length, newline]
   kPlanSpanOrder = 4,      // [span, sequence, start, previous sequence, previous end]
   kPlanSpanGrid = 5,       // [span, h, w]
+  kPlanSpanNewline = 6,    // [span, newline]: a newline flag other than 0 or 1
 };
+
+// Most rows (and columns) of a span's grid.
+constexpr int64_t kPlanMaxSpanSide = int64_t(1) << 20;
 
 struct PlanParams {
   Layout layout = Layout::kPacked;
@@ -63,8 +70,9 @@ struct PlanParams {
   int64_t image_token_id = -1;
   int32_t grid_h = 0, grid_w = 0;       // image grid of a run's images
 
-  const int64_t* spans = nullptr;       // [num_spans, 4]: (sequence, start position, h, w)
-  int64_t num_spans = 0;
+  const int64_t* spans = nullptr;       // [num_spans, span_columns]: (sequence, start position, h, w)
+  int64_t num_spans = 0;                //   and, with 5 columns, newline (0 or 1)
+  int32_t span_columns = 4;             // 4 or 5
 
   int32_t num_steps = 0;                // schedule steps; stages = num_steps + 1
   int32_t factors[kMaxSteps] = {};
@@ -93,7 +101,12 @@ Status plan_cpu(const PlanParams& params) noexcept;
 // Data errors are reported in the summary: copy it to the host and call plan_summary_status.
 Status plan_cuda(const PlanParams& params, adsc_stream_t stream) noexcept;
 
-// Turns a summary (host memory) into a Status with a readable message.
+// Turns a summary (host memory) into a Status with a readable message. The span fields of a span
+// error are printed from `host_spans` (a host copy of params.spans, [num_spans, span_columns])
+// when given, exactly; without it from the summary's int32 details, where a saturated value reads
+// ">= 2147483647" (or "<= -2147483648").
+Status plan_summary_status(const int32_t* summary, const PlanParams& params,
+                           const int64_t* host_spans) noexcept;
 Status plan_summary_status(const int32_t* summary, const PlanParams& params) noexcept;
 
 }  // namespace adsc

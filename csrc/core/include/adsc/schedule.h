@@ -64,18 +64,25 @@ ADSC_HD bool grid_fits(int h, int w, const int* factors, int num_steps) {
   return true;
 }
 
-// How many steps of `factors` the token at raster index r of an h x w image survives
-// (num_steps = all of them). The grid must fit the steps (grid_fits).
-ADSC_HD int survived_steps(int r, int h, int w, const int* factors, int num_steps) {
-  int row = r / w, col = r % w;
+// How many steps of `factors` the token in row `row`, column `col` of an h x w image survives
+// (num_steps = all of them). Column col == w is the row's newline token (LLaVA-NeXT / OneVision
+// anyres grids, spec section 3): it is kept exactly while its row is, since halving columns never
+// removes it. The grid must fit the steps (grid_fits); the newline column does not count as one.
+ADSC_HD int survived_steps_at(int row, int col, int h, int w, const int* factors, int num_steps) {
+  const bool newline = col == w;
   for (int s = 0; s < num_steps; ++s) {
     bool hr, hc;
     step_axes(factors[s], h, w, &hr, &hc);
-    if ((hr && !axis_keeps(row, h)) || (hc && !axis_keeps(col, w))) return s;
+    if ((hr && !axis_keeps(row, h)) || (hc && !newline && !axis_keeps(col, w))) return s;
     if (hr) { row >>= 1; h = halved(h); }
     if (hc) { col >>= 1; w = halved(w); }
   }
   return num_steps;
+}
+
+// The same for the token at raster index r of an h x w image (no newline column).
+ADSC_HD int survived_steps(int r, int h, int w, const int* factors, int num_steps) {
+  return survived_steps_at(r / w, r % w, h, w, factors, num_steps);
 }
 
 }  // namespace adsc
