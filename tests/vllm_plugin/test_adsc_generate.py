@@ -36,7 +36,7 @@ def test_plugin_serves_the_adsc_class(llm):
     assert [len(n) for n in names] == [2, 2, 2] and sum(len(n) for n in names) == NUM_LAYERS
     cfg = llm.llm_engine.vllm_config
     assert cfg.cache_config.enable_prefix_caching is False  # switched off by the config hook
-    assert cfg.scheduler_config.disable_chunked_mm_input is True
+    assert cfg.scheduler_config.disable_chunked_mm_input is False  # chunks may split images
 
 
 def test_batch_equals_hf_adsc(llm, hf_tokens):
@@ -147,12 +147,16 @@ def test_request_with_mismatched_images_fails_alone(llm, hf_tokens):
     bad = {"prompt": prompt([5, 6], 1), "multi_modal_data": {"image": torch.randn(1, 10, 128)}}
     with pytest.raises(ValueError, match="4x4 grid of vision tokens"):
         engine.add_request("bad", bad, greedy(4))
+    scheduler = engine.engine_core.engine_core.scheduler
+    assert not any(rid.startswith("bad") for rid in scheduler.requests)  # never scheduled
     got = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
                 got[out.request_id] = list(out.outputs[0].token_ids)
     assert got == {r.name: hf_tokens["adsc"][r.name] for r in good}
+    pool = scheduler.kv_cache_manager.block_pool
+    assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1  # all but the null block
 
 
 def test_image_embeddings_of_a_whole_grid_are_served(llm):
@@ -161,3 +165,61 @@ def test_image_embeddings_of_a_whole_grid_are_served(llm):
         [{"prompt": prompt([5, 6], 1), "multi_modal_data": {"image": embeds}}], [greedy(3)]
     )
     assert len(outs[0].outputs[0].token_ids) == 3
+
+
+def test_request_table_follows_a_growing_block_count(llm, hf_tokens):
+    """vLLM 0.34's extensible KV cache raises ``cache_config.num_gpu_blocks`` after start-up, in
+    the config the model holds (the worker's). The per-request table is sized by it at every
+    step: it grows at the next step, and requests still get their tokens."""
+    extra = 37
+    llm.generate([REQUESTS[0].vllm_prompt()], [greedy(1)])  # the table exists after a step
+
+    def grow(model):
+        cache = model.adsc.vllm_config.cache_config
+        rows = model.adsc.requests.table.shape[0]
+        assert rows == cache.num_gpu_blocks  # sized by the block count, not by the ids seen
+        cache.num_gpu_blocks += extra
+        return rows
+
+    rows = llm.apply_model(grow)[0]
+    try:
+        outs = llm.generate([r.vllm_prompt() for r in REQUESTS], [greedy(r.max_tokens) for r in REQUESTS])
+        got = {r.name: list(o.outputs[0].token_ids) for r, o in zip(REQUESTS, outs)}
+        assert got == hf_tokens["adsc"]
+        assert llm.apply_model(lambda m: m.adsc.requests.table.shape[0])[0] == rows + extra
+    finally:
+        def shrink(model):
+            model.adsc.vllm_config.cache_config.num_gpu_blocks -= extra
+
+        llm.apply_model(shrink)
+
+
+def test_refused_request_retried_then_its_good_image_is_served(llm):
+    """LLaVA-1.5 keeps vLLM's multimodal processor cache on (unlike Qwen and OneVision): only an
+    embeddings input can be refused here (an image is always a whole grid), and a refusal leaves
+    the front end's and the engine's caches in step. A request with a good and a bad image is
+    refused, twice (a client's retry); the good image alone, served before and after, gives the
+    same tokens."""
+    assert llm.llm_engine.vllm_config.model_config.multimodal_config.mm_processor_cache_gb > 0
+    engine = llm.llm_engine
+    gen = torch.Generator().manual_seed(11)
+    good, bad = torch.randn(16, 128, generator=gen), torch.randn(10, 128, generator=gen)
+    alone = {"prompt": prompt([5, 6], 1), "multi_modal_data": {"image": good[None]}}
+
+    def run(name):
+        engine.add_request(name, alone, greedy(4))
+        got = None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    got = list(out.outputs[0].token_ids)
+        return got
+
+    before = run("good-before")
+    both = {"prompt": prompt([5, 6], 2), "multi_modal_data": {"image": [good, bad]}}
+    for attempt in range(2):
+        with pytest.raises(ValueError, match="image 1 of this request has 10"):
+            engine.add_request(f"bad{attempt}", both, greedy(2))
+    assert run("good-after") == before and len(before) == 4
+    pool = engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+    assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1

@@ -5,17 +5,18 @@ processor works on text), a saved ``LlavaProcessor`` (CLIP image processor + tok
 weights under the names vLLM's loader maps. Everything is built here from configs (nothing is
 downloaded): a word-level tokenizer whose vocabulary is ``w0 .. wN`` plus ``<image>`` at the
 model's image token id, a CLIP image processor at the tower's input size, and
-:func:`adsc_ext.hf.tiny.tiny_llava` weights with head_dim 32 (vLLM's CPU attention needs >= 32).
+:func:`adsc_ext.testing.tiny_llava` weights with head_dim 32 (vLLM's CPU attention needs >= 32).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-import gc
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
+
+from engines import close_llm  # noqa: F401  (re-exported: the tests import it from here)
 
 GRID_SIDE = 4  # 4x4 vision tokens per image
 PATCH = 4
@@ -31,14 +32,16 @@ def word(i: int) -> str:
     return f"w{i}"
 
 
-def _tokenizer():
+def _tokenizer(vocab_size: int = VOCAB, image_token_id: int = IMAGE_TOKEN_ID):
+    """A word-level tokenizer: ``<pad> <s> </s>`` at 0 1 2, the words ``w0 ..`` from id 3,
+    ``<unk>`` and ``<image>`` (at ``image_token_id``) at the top of ``vocab_size``."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS}
-    vocab.update({word(i): 3 + i for i in range(NUM_WORDS)})
-    vocab["<unk>"] = VOCAB - 2  # not a word: keeps the word ids 3 .. VOCAB-3
-    vocab["<image>"] = IMAGE_TOKEN_ID
+    vocab.update({word(i): 3 + i for i in range(min(image_token_id, vocab_size - 1) - 4)})
+    vocab["<unk>"] = min(image_token_id, vocab_size - 1) - 1  # not a word
+    vocab["<image>"] = image_token_id
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(
@@ -52,16 +55,52 @@ def _tokenizer():
     return fast
 
 
-def build_checkpoint(path, *, schedule: Optional[str] = None, seed: int = 0) -> Path:
-    """Save the tiny model (with ``config.adsc_schedule`` when ``schedule`` is given), its
-    tokenizer and processor under ``path``; returns the path."""
+def save_processor(path, config) -> None:
+    """Save a ``LlavaProcessor`` for the LLaVA ``config`` under ``path``: the word-level
+    tokenizer over its vocabulary and a CLIP image processor at its tower's input size."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
-    from adsc_ext.hf.tiny import tiny_llava
+    vision = config.vision_config
+    side = int(vision.image_size)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+        do_center_crop=True, do_resize=True, do_normalize=True,
+    )
+    tokenizer = _tokenizer(int(config.text_config.vocab_size), int(config.image_token_id))
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=int(vision.patch_size),
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_token="<image>",
+    )
+    processor.save_pretrained(path)
+
+
+def save_config_checkpoint(path, config, *, schedule: Optional[str] = None) -> Path:
+    """A checkpoint folder without weights (config, tokenizer, processor) for vLLM's
+    ``load_format="dummy"`` (random weights): benchmarks of real model shapes, nothing to load."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = config.__class__.from_dict(config.to_dict())
+    config.architectures = ["LlavaForConditionalGeneration"]
+    config.text_config.eos_token_id = EOS
+    if schedule is not None:
+        config.adsc_schedule = schedule
+    config.save_pretrained(path)
+    save_processor(path, config)
+    return path
+
+
+def build_checkpoint(
+    path, *, schedule: Optional[str] = None, seed: int = 0, grid_side: int = GRID_SIDE
+) -> Path:
+    """Save the tiny model (with ``config.adsc_schedule`` when ``schedule`` is given), its
+    tokenizer and processor under ``path``; returns the path. ``grid_side``: vision tokens per
+    image side (the tower's input is ``grid_side * PATCH`` pixels square)."""
+    from adsc_ext.testing import tiny_llava
 
     path = Path(path)
     model = tiny_llava(
-        seed=seed, grid_side=GRID_SIDE, patch_size=PATCH, num_layers=NUM_LAYERS, hidden_size=128,
+        seed=seed, grid_side=grid_side, patch_size=PATCH, num_layers=NUM_LAYERS, hidden_size=128,
         num_heads=4, num_kv_heads=2, vocab_size=VOCAB, vision_hidden=64, vision_layers=2,
     )
     if schedule:
@@ -71,17 +110,7 @@ def build_checkpoint(path, *, schedule: Optional[str] = None, seed: int = 0) -> 
     model.config.text_config.eos_token_id = EOS
     model.save_pretrained(path)
     _classic_vision_keys(path / "model.safetensors")
-    side = GRID_SIDE * PATCH
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": side}, crop_size={"height": side, "width": side},
-        do_center_crop=True, do_resize=True, do_normalize=True,
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=_tokenizer(), patch_size=PATCH,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        image_token="<image>",
-    )
-    processor.save_pretrained(path)
+    save_processor(path, model.config)
     return path
 
 
@@ -181,7 +210,7 @@ def hf_greedy(model, processor, req: Request) -> List[int]:
     return out[0, enc["input_ids"].shape[1]:].tolist()
 
 
-def greedy(max_tokens: int):
+def greedy(max_tokens: int, config=None):  # config: the other architectures' signature
     from vllm import SamplingParams
 
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -198,12 +227,3 @@ def make_llm(path, **kw):
     )
     args.update(kw)
     return LLM(**args)
-
-
-def close_llm(llm) -> None:
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:  # best effort: the process ends anyway
-        pass
-    del llm
-    gc.collect()

@@ -1,0 +1,74 @@
+"""What the vLLM tests of every architecture share: closing an in-process engine, and the greedy
+tokens of vLLM's own model (no plugin) on a checkpoint, from a subprocess (plugins are chosen when
+vLLM is imported)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = str(Path(__file__).resolve().parent)
+
+_BASELINE = r"""
+import json, sys
+sys.path.insert(0, {here!r})
+from transformers import AutoConfig
+from {module} import REQUESTS, greedy, make_llm
+if __name__ == "__main__":
+    cfg = AutoConfig.from_pretrained({path!r})
+    llm = make_llm({path!r})
+    assert type(llm.apply_model(lambda m: m)[0]).__name__ == {class_name!r}
+    outs = llm.generate([r.vllm_prompt() for r in REQUESTS], [greedy(r.max_tokens, cfg) for r in REQUESTS])
+    print("TOKENS " + json.dumps({{r.name: list(o.outputs[0].token_ids) for r, o in zip(REQUESTS, outs)}}))
+"""
+
+
+def vllm_own_tokens(module: str, path, class_name: str, work_dir: Path) -> dict:
+    """``{request name: greedy token ids}`` of vLLM's own ``class_name`` (no plugin) on the
+    checkpoint ``path``, for the ``REQUESTS`` of the test module ``module`` (its ``make_llm`` and
+    ``greedy(max_tokens, config)``)."""
+    script = Path(work_dir) / "baseline.py"
+    script.write_text(_BASELINE.format(here=HERE, module=module, path=str(path), class_name=class_name))
+    env = dict(os.environ, VLLM_PLUGINS="none-of-them", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("TOKENS ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1][len("TOKENS "):])
+
+
+def close_llm(llm) -> None:
+    """Shut an in-process engine down (best effort: the process ends anyway)."""
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
+    del llm
+    gc.collect()
+
+
+def generate_tokens(llm, requests, config, greedy):
+    """``({request name: greedy token ids}, vLLM's outputs)`` of ``requests`` on ``llm``."""
+    outs = llm.generate([r.vllm_prompt() for r in requests], [greedy(r.max_tokens, config) for r in requests])
+    return {r.name: list(o.outputs[0].token_ids) for r, o in zip(requests, outs)}, outs
+
+
+def hf_reference(ckpts, load_hf, load_processor, hf_greedy):
+    """``reference(kind, requests) -> {name: tokens}``: transformers on checkpoint ``ckpts[kind]``
+    (``apply_adsc`` with its saved schedule unless ``kind`` names a plain one), each request alone;
+    models and tokens cached."""
+    cache, models = {}, {}
+
+    def reference(kind, requests):
+        if kind not in models:
+            models[kind] = (load_hf(ckpts[kind], adsc="plain" not in kind), load_processor(ckpts[kind]))
+        model, processor = models[kind]
+        for r in requests:
+            if (kind, r) not in cache:
+                cache[(kind, r)] = hf_greedy(model, processor, r)
+        return {r.name: cache[(kind, r)] for r in requests}
+
+    return reference
