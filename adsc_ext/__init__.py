@@ -7,6 +7,7 @@ without the compiled extension; the ops (``stage_plan``, ``compact_tokens``) loa
 from importlib import import_module
 from pathlib import Path
 
+from .errors import AdscError, AdscInputError, AdscModelError
 from .plan import Plan, StagePlan
 from .schedule import LLAVA15_DEFAULT, Schedule, ScheduleError, StageInfo, Step
 
@@ -19,12 +20,20 @@ _LAZY = {
     "write_paged_kv": "ops",
     "cuda_ops_available": "ops",
     "apply_adsc": "hf",
+    "remove_adsc": "hf",
     "AdscCache": "hf",
     "adsc_layout": "hf",
+    "StagedLayout": "layout",
+    "StageMap": "layout",
+    "Request": "generation",
+    "SamplingParams": "generation",
+    "ModelSpec": "models",
+    "model_spec": "models",
 }
 
 __all__ = [
     "LLAVA15_DEFAULT", "Schedule", "ScheduleError", "Step", "StageInfo", "Plan", "StagePlan",
+    "AdscError", "AdscInputError", "AdscModelError",
     "cmake_prefix_path", *_LAZY,
 ]
 

@@ -6,7 +6,9 @@
   (:mod:`adsc_ext.bench.cli`) are imported only when they run, so ``adsc plan`` keeps
   working (and stays fast) without them.
 
-Every error is one line ``adsc: error: ...`` on stderr and exit status 2, never a traceback.
+Every error the user can fix (an :class:`~adsc_ext.errors.AdscError`, or an ``OSError`` such as a
+missing file) is one line ``adsc: error: ...`` on stderr and exit status 2. Anything else is a bug
+and surfaces as a traceback, never dressed up as a usage error.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import sys
 from typing import Any, Optional, Sequence
 
 from adsc_ext import __version__
-from adsc_ext.accounting import PRESETS, format_section8, load_model_spec, plan_report
+from adsc_ext.accounting import (DEFAULT_IMAGE_SIZE, PRESETS, describe_image, format_section8, load_model_spec,
+                                 parse_image_size, plan_report)
+from adsc_ext.errors import AdscError, CliError
 from adsc_ext.schedule import LLAVA15_DEFAULT, Schedule, ScheduleError
 
 __all__ = ["main", "format_report"]
@@ -35,11 +39,8 @@ _DELEGATED = {
                "Export LLaVA with the ADSC schedule baked in to ONNX; --check runs it on ONNX Runtime."),
     "trt-build": ("adsc_ext.export.trt_cli",
                   "Build TensorRT engines from an `adsc export` folder (needs tensorrt and a GPU)."),
+    "train": ("adsc_ext.train.cli", "Fine-tune a LLaVA checkpoint with the ADSC schedule in place (Accelerate)."),
 }
-
-
-class CliError(Exception):
-    """A usage error, reported as one line."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,15 +63,23 @@ def _build_parser() -> _Parser:
     )
     plan.add_argument(
         "--model", default="llava-1.5-7b",
-        help=f"a preset ({', '.join(PRESETS)}) or a LLaVA config.json (or its directory); "
-        "default: %(default)s",
+        help=f"a preset ({', '.join(PRESETS)}) or a config.json of LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, "
+        "Qwen2-VL, Qwen2.5-VL or Qwen3-VL (or its directory); default: %(default)s",
     )
     plan.add_argument(
-        "--schedule", default=LLAVA15_DEFAULT,
-        help="'layer:factor,...' ('' = unmodified model); default: %(default)s",
+        "--schedule", default=None,
+        help="'layer:factor,...' ('' = unmodified model); default: the config's adsc_schedule, else the "
+        f"model's default ({LLAVA15_DEFAULT} for LLaVA-1.5; factor 2 before layers round(L/4), round(L/2), "
+        "round(3L/4) of the others)",
     )
     plan.add_argument("--text-tokens", type=int, default=64, help="default: %(default)s")
     plan.add_argument("--images", type=int, default=1, help="default: %(default)s")
+    plan.add_argument(
+        "--image-size", default=None, metavar="WIDTHxHEIGHT",
+        help="the images' size in pixels, which sets their vision tokens in LLaVA-NeXT, LLaVA-OneVision and "
+        f"Qwen-VL models (LLaVA-1.5 resizes every image to one grid); default: "
+        f"{DEFAULT_IMAGE_SIZE[1]}x{DEFAULT_IMAGE_SIZE[0]}",
+    )
     plan.add_argument(
         "--dtype-bytes", type=int, default=2, help="bytes per KV-cache value; default: %(default)s"
     )
@@ -96,18 +105,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if rest:
             raise CliError(f"unrecognized arguments: {' '.join(rest)}")
         return _plan(args)
-    except (CliError, ValueError, OSError) as exc:
+    except (AdscError, OSError) as exc:
         print(f"adsc: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return _USAGE_ERROR
 
 
 def _plan(args: argparse.Namespace) -> int:
+    spec = load_model_spec(args.model)
+    text = spec.default_schedule() if args.schedule is None else args.schedule
     try:
-        schedule = Schedule.parse(args.schedule)
+        schedule = Schedule.parse(text)
     except ScheduleError as exc:
-        raise CliError(f"bad --schedule {args.schedule!r}: {exc}") from None
+        raise CliError(f"bad --schedule {text!r}: {exc}") from None
+    try:
+        size = None if args.image_size is None else parse_image_size(args.image_size)
+    except AdscError as exc:
+        raise CliError(f"bad --image-size: {exc}") from None
     report = plan_report(
-        load_model_spec(args.model), schedule, args.text_tokens, args.images, args.dtype_bytes,
+        spec, schedule, args.text_tokens, args.images, args.dtype_bytes, image_size=size,
         decode_batch=args.decode_batch, new_tokens=args.new_tokens,
     )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -150,11 +165,14 @@ def _aligned(rows: list[list[str]], left: int = 1) -> list[str]:
 
 def format_report(report: dict[str, Any]) -> str:
     """The readable form of :func:`adsc_ext.accounting.plan_report`'s result."""
-    grid = "x".join(map(str, report["stages"][0]["grid"]))
     images = report["images"]
+    plural = "" if images == 1 else "s"
+    if report.get("arch", "llava") == "llava":  # every image one grid, whatever its size
+        what = f"{images} image{plural} ({describe_image(report)} each)"
+    else:
+        what = f"{images} image{plural} of {describe_image(report)}"
     title = (
-        f"{report['model']}: {report['text_tokens']} text tokens + {images} "
-        f"image{'' if images == 1 else 's'} ({grid} vision tokens each), "
+        f"{report['model']}: {report['text_tokens']} text tokens + {what}, "
         f"schedule '{report['schedule']}'"
         f"{'' if report['schedule'] else ' (unmodified model)'}, "
         f"KV cache at {report['dtype_bytes']} bytes per value"
@@ -165,7 +183,7 @@ def format_report(report: dict[str, Any]) -> str:
         stage_rows.append([
             str(s["stage"]),
             f"{first}-{last}" if last != first else str(first),
-            "x".join(map(str, s["grid"])),
+            " + ".join(f"{h}x{w}{'n' if nl else ''}" for h, w, nl in s["grids"]),
             str(s["vision_tokens_per_image"]),
             str(s["tokens"]),
             _tflops(s["flops"]),
@@ -178,10 +196,12 @@ def format_report(report: dict[str, Any]) -> str:
         ["KV cache", _format_bytes(report["baseline_kv_bytes"]),
          _format_bytes(report["adsc_kv_bytes"]), f"{report['kv_reduction_pct']:.1f} %"],
     ]
+    newlines = any(nl for _, _, nl in report["stages"][0]["grids"])
     return "\n".join([
         title,
         "",
         *_aligned(stage_rows, left=3),
+        *(["(n: each row of the grid ends with a newline token, kept with its row)"] if newlines else []),
         "",
         *_aligned(total_rows),
         "",

@@ -47,10 +47,20 @@ def stage_plan(
     """Plan every stage of ``schedule`` for one batch.
 
     Layout: ``cu_seqlens [B+1]`` with ``input_ids [T]`` (packed), or ``attention_mask [B, S]`` with
-    ``input_ids [B, S]`` (padded). Images: runs of ``image_token_id`` in ``input_ids`` (each run a
-    whole number of ``grid`` images), or ``image_spans [N, 4]`` rows of (sequence, start position,
-    height, width), sorted by (sequence, start). On CUDA this is one kernel launch and one
-    host-device synchronisation (to learn the stage sizes), whatever the number of stages.
+    ``input_ids [B, S]`` (padded). Images, from exactly one of:
+
+    - runs of ``image_token_id`` (an int) in ``input_ids``, each run a whole number of ``grid``
+      images;
+    - ``image_spans``, int64 (or int32), sorted by (sequence, start), not overlapping, each image
+      with its own grid: ``[N, 4]`` rows of ``(sequence, start, h, w)``, an ``h x w`` grid at
+      positions ``start .. start + h*w - 1`` of its sequence (positions count real tokens only, so
+      padding is skipped), or ``[N, 5]`` rows of ``(sequence, start, h, w, newline)`` where
+      ``newline = 1`` marks a LLaVA-NeXT / OneVision grid whose rows each end with one newline token
+      (``h * (w + 1)`` positions; the newline is kept exactly while its row is, spec section 3) and
+      ``newline = 0`` a plain one. Give the layout with ``cu_seqlens`` or ``attention_mask``.
+
+    On CUDA this is one kernel launch and one host-device synchronisation (to learn the stage
+    sizes), whatever the number of stages.
     """
     schedule = Schedule.coerce(schedule)
     inp = normalize_plan_inputs(
@@ -70,7 +80,7 @@ def stage_plan(
             f"got {inp.num_tokens}{shape}"
         )
     ids = None if inp.image_spans is not None else inp.input_ids
-    token_id = -1 if image_token_id is None else int(image_token_id)
+    token_id = inp.image_token_id
     gh, gw = (int(v) for v in grid)
     factors = list(schedule.factors)
     if inp.layout == "packed":
@@ -239,9 +249,23 @@ def _plan_fakes(device, stages: int, num_tokens, batch: int):
     )
 
 
+def _check_fake_images(input_ids, image_spans) -> None:
+    if (input_ids is None) == (image_spans is None):
+        raise ValueError("give exactly one of input_ids (images are runs of image_token_id) and "
+                         "image_spans")
+    if image_spans is not None:
+        if image_spans.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"image_spans must be an int64 (or int32) tensor, got "
+                            f"{_dtype_name(image_spans.dtype)}")
+        if image_spans.dim() != 2 or image_spans.shape[1] not in (4, 5):
+            raise ValueError(f"image_spans must be [N, 4] rows of (sequence, start, height, width) "
+                             f"or [N, 5] with a newline flag, got {list(image_spans.shape)}")
+
+
 @torch.library.register_fake("adsc::stage_plan_packed")
 def _(input_ids, cu_seqlens, image_spans, num_tokens, image_token_id, grid_h, grid_w, factors):
     _same_device(cu_seqlens.device, input_ids=input_ids, image_spans=image_spans)
+    _check_fake_images(input_ids, image_spans)
     if cu_seqlens.dtype not in _INDEX_DTYPES:
         raise TypeError(f"cu_seqlens must be int32 or int64, got {_dtype_name(cu_seqlens.dtype)}")
     if input_ids is not None and (input_ids.dim() != 1 or input_ids.numel() != num_tokens):
@@ -254,6 +278,7 @@ def _(input_ids, cu_seqlens, image_spans, num_tokens, image_token_id, grid_h, gr
 @torch.library.register_fake("adsc::stage_plan_padded")
 def _(input_ids, attention_mask, image_spans, image_token_id, grid_h, grid_w, factors, pad_left):
     _same_device(attention_mask.device, input_ids=input_ids, image_spans=image_spans)
+    _check_fake_images(input_ids, image_spans)
     if attention_mask.dim() != 2:
         raise ValueError(f"attention_mask must be [B, S], got shape {list(attention_mask.shape)}")
     if input_ids is not None and input_ids.shape != attention_mask.shape:

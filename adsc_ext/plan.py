@@ -17,6 +17,7 @@ Two layouts:
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
@@ -24,7 +25,7 @@ import torch
 
 from .schedule import Schedule
 
-__all__ = ["StagePlan", "Plan", "PlanInputs", "normalize_plan_inputs"]
+__all__ = ["StagePlan", "Plan", "PlanInputs", "normalize_plan_inputs", "SPAN_COLUMNS"]
 
 
 @dataclass
@@ -78,10 +79,37 @@ class PlanInputs:
     input_ids: Optional[torch.Tensor]  # int64 [T] or [B, S] (None when spans are given)
     cu_seqlens: Optional[torch.Tensor]  # int32 [B+1]   (packed)
     attention_mask: Optional[torch.Tensor]  # [B, S]     (padded)
-    image_spans: Optional[torch.Tensor]  # int64 [N, 4]: (sequence, start position, h, w)
+    #: int64 [N, 4] rows of (sequence, start position, h, w), or [N, 5] with a newline flag
+    image_spans: Optional[torch.Tensor]
     num_tokens: int
     batch_size: int
     device: torch.device
+    #: the image token id as a checked int64 value (-1 when images come from spans)
+    image_token_id: int = -1
+
+
+_INT64 = torch.iinfo(torch.int64)
+
+#: Columns of ``image_spans``: (sequence, start, h, w) and, optionally, newline.
+SPAN_COLUMNS = (4, 5)
+
+
+def _token_id(value) -> int:
+    """``image_token_id`` as an int64 value: an int (numpy and 0-d integer tensors included), never
+    a float or a bool, within int64 (the op compares it with int64 token ids)."""
+    if isinstance(value, bool):
+        raise TypeError(f"image_token_id must be an int, got bool {value!r}")
+    try:
+        token = operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"image_token_id must be an int, got {type(value).__name__} {value!r}"
+        ) from None
+    if not _INT64.min <= token <= _INT64.max:
+        raise ValueError(
+            f"image_token_id must fit int64 ({_INT64.min} .. {_INT64.max}), got {token}"
+        )
+    return token
 
 
 def _as_long(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -105,7 +133,8 @@ def normalize_plan_inputs(
     """Check the arguments of a plan call and decide the layout.
 
     ``cu_seqlens`` selects the packed layout, ``attention_mask`` the padded one; with neither, a
-    1-D ``input_ids`` is one packed sequence and a 2-D one a padded batch with no padding.
+    1-D ``input_ids`` is one packed sequence and a 2-D one a padded batch with no padding. Images
+    come from exactly one of ``input_ids`` (runs of ``image_token_id``) and ``image_spans``.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -116,8 +145,15 @@ def normalize_plan_inputs(
         raise ValueError("give either cu_seqlens (packed layout) or attention_mask (padded), not both")
     if input_ids is None and image_spans is None:
         raise ValueError("give input_ids (images found by image_token_id) or image_spans")
+    if input_ids is not None and image_spans is not None:
+        # As the C ABI: the spans would silently win over the token ids.
+        raise ValueError(
+            "give either input_ids (images are runs of image_token_id) or image_spans, not both; "
+            "with image_spans, cu_seqlens or attention_mask gives the layout"
+        )
     if image_spans is None and image_token_id is None:
         raise ValueError("image_token_id is required when images are found from input_ids")
+    token_id = -1 if image_token_id is None else _token_id(image_token_id)
     if input_ids is not None:
         input_ids = _as_long("input_ids", input_ids)
         if input_ids.dim() not in (1, 2):
@@ -170,12 +206,14 @@ def normalize_plan_inputs(
 
     if image_spans is not None:
         image_spans = _as_long("image_spans", image_spans)
-        if image_spans.dim() != 2 or image_spans.shape[1] != 4:
+        if image_spans.dim() != 2 or image_spans.shape[1] not in SPAN_COLUMNS:
             raise ValueError(
-                f"image_spans must be [N, 4] rows of (sequence, start position, height, width), "
-                f"got shape {tuple(image_spans.shape)}"
+                f"image_spans must be [N, 4] rows of (sequence, start position, height, width), or "
+                f"[N, 5] with a newline flag (1: each grid row ends with a newline token), got "
+                f"shape {tuple(image_spans.shape)}"
             )
     for name, t in (("input_ids", input_ids), ("image_spans", image_spans)):
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but the layout tensor is on {device}")
-    return PlanInputs(layout, input_ids, cu_seqlens, attention_mask, image_spans, num_tokens, batch, device)
+    return PlanInputs(layout, input_ids, cu_seqlens, attention_mask, image_spans, num_tokens, batch,
+                      device, token_id)

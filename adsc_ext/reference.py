@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .plan import Plan, StagePlan, normalize_plan_inputs
-from .schedule import Schedule, ScheduleError, downsample_grid, kept_axis_indices
+from .schedule import Schedule, ScheduleError, downsample_grid, kept_axis_indices, newline_flag
 
 __all__ = [
     "kept_image_indices", "stage_plan_reference", "compact_tokens_reference",
@@ -20,19 +20,32 @@ __all__ = [
 ]
 
 
-def kept_image_indices(grid: Sequence[int], schedule) -> List[List[int]]:
-    """Raster indices (in the original ``h x w`` grid) of the tokens alive at each stage."""
+def kept_image_indices(grid: Sequence[int], schedule, newline: bool = False) -> List[List[int]]:
+    """Offsets (within the image's run of positions) of the tokens alive at each stage.
+
+    An ``h x w`` image is ``h*w`` positions in raster order: the offsets are raster indices. With
+    ``newline`` every grid row is followed by one newline token (LLaVA-NeXT / OneVision anyres), so
+    the image is ``h*(w+1)`` positions and grid token ``(r, c)`` sits at ``r*(w+1) + c``; a row's
+    newline token (offset ``r*(w+1) + w``) is alive exactly while its row is (spec section 3).
+    """
     schedule = Schedule.coerce(schedule)
     h, w = int(grid[0]), int(grid[1])
+    nl = newline_flag(newline)
+    row_len = w + nl
     rows, cols = list(range(h)), list(range(w))
-    out = [[r * w + c for r in rows for c in cols]]
+
+    def offsets():
+        tail = [w] if nl else []  # the newline column, never halved
+        return [r * row_len + c for r in rows for c in cols + tail]
+
+    out = [offsets()]
     for step in schedule.steps:
         (_, _), halve_rows, halve_cols = downsample_grid((len(rows), len(cols)), step.factor)
         if halve_rows:
             rows = [rows[i] for i in kept_axis_indices(len(rows))]
         if halve_cols:
             cols = [cols[i] for i in kept_axis_indices(len(cols))]
-        out.append([r * w + c for r in rows for c in cols])
+        out.append(offsets())
     return out
 
 
@@ -92,17 +105,21 @@ def stage_plan_reference(
         rows = [[b * S + j for j in range(S) if mask[b][j]] for b in range(B)]
         seq_ids = [[ids[b][j] for j in range(S) if mask[b][j]] for b in range(B)] if ids is not None else None
 
-    # Images of each sequence: (start position, h, w).
-    images: List[List[Tuple[int, int, int]]] = [[] for _ in range(B)]
+    # Images of each sequence: (start position, h, w, newline).
+    images: List[List[Tuple[int, int, int, int]]] = [[] for _ in range(B)]
     if inp.image_spans is not None:
         prev = None
-        for i, (b, start, h, w) in enumerate(inp.image_spans.cpu().tolist()):
-            if not (0 <= b < B) or start < 0 or h < 1 or w < 1 or start + h * w > len(rows[b]):
-                raise ValueError(f"image span {i} {(b, start, h, w)} does not fit its sequence")
+        for i, row in enumerate(inp.image_spans.cpu().tolist()):
+            b, start, h, w = row[:4]
+            nl = row[4] if len(row) == 5 else 0
+            if nl not in (0, 1):
+                raise ValueError(f"image span {i} has newline = {nl}: expected 0 or 1")
+            if not (0 <= b < B) or start < 0 or h < 1 or w < 1 or start + h * (w + nl) > len(rows[b]):
+                raise ValueError(f"image span {i} {tuple(row)} does not fit its sequence")
             if prev is not None and (b < prev[0] or (b == prev[0] and start < prev[1])):
                 raise ValueError(f"image span {i} is out of order")
-            images[b].append((start, h, w))
-            prev = (b, start + h * w)
+            images[b].append((start, h, w, nl))
+            prev = (b, start + h * (w + nl))
     else:
         gh, gw = int(grid[0]), int(grid[1])
         try:  # the model's grid must fit the schedule, whether or not this batch has images
@@ -110,22 +127,24 @@ def stage_plan_reference(
         except ScheduleError as exc:
             raise ValueError(str(exc)) from None
         for b in range(B):
-            images[b] = [(s, gh, gw) for s, _ in _find_images(seq_ids[b], int(image_token_id), gh * gw, b)]
+            images[b] = [(s, gh, gw, 0)
+                         for s, _ in _find_images(seq_ids[b], inp.image_token_id, gh * gw, b)]
 
     # Positions alive at each stage, per sequence.
     n_stages = len(schedule) + 1
     alive = [[set(range(len(rows[b]))) for b in range(B)] for _ in range(n_stages)]
     kept_cache = {}
     for b in range(B):
-        for start, h, w in images[b]:
-            if (h, w) not in kept_cache:
+        for start, h, w, nl in images[b]:
+            if (h, w, nl) not in kept_cache:
                 try:
-                    kept_cache[(h, w)] = kept_image_indices((h, w), schedule)
+                    kept_cache[(h, w, nl)] = kept_image_indices((h, w), schedule, newline=nl)
                 except ScheduleError as exc:
                     raise ValueError(f"sequence {b}: image at position {start}: {exc}") from None
-            kept = kept_cache[(h, w)]
+            kept = kept_cache[(h, w, nl)]
+            span = set(start + r for r in range(h * (w + nl)))
             for s in range(1, n_stages):
-                alive[s][b] -= set(start + r for r in range(h * w)) - set(start + r for r in kept[s])
+                alive[s][b] -= span - set(start + r for r in kept[s])
 
     stages: List[StagePlan] = []
     prev_slot = None  # stage-0 row -> slot in the previous stage's layout

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Tuple, Union
 
+from .errors import ScheduleError
+
 __all__ = [
     "LLAVA15_DEFAULT",
     "ScheduleError",
@@ -23,6 +25,7 @@ __all__ = [
     "Schedule",
     "downsample_grid",
     "kept_axis_indices",
+    "newline_flag",
 ]
 
 #: The default schedule for LLaVA-1.5: 576 -> 288 -> 144 -> 72 vision tokens per image.
@@ -67,10 +70,6 @@ def __getattr__(name):
 Grid = Tuple[int, int]
 
 
-class ScheduleError(ValueError):
-    """A schedule that is malformed or does not fit the model it is applied to."""
-
-
 def _halve(n: int) -> int:
     return (n + 1) // 2
 
@@ -84,6 +83,20 @@ def kept_axis_indices(n: int) -> list[int]:
     if n < 2:
         raise ScheduleError(f"an axis of length {n} cannot be halved (need length >= 2)")
     return [min(2 * g + 1, n - 1) for g in range(_halve(n))]
+
+
+def newline_flag(newline) -> int:
+    """``newline`` as 0 or 1: whether each row of an image grid ends with a newline token
+    (LLaVA-NeXT / OneVision anyres). A bool, or the int 0 or 1 (an ``image_spans`` column)."""
+    if isinstance(newline, bool):
+        return int(newline)
+    try:
+        value = operator.index(newline)
+    except TypeError:
+        value = None
+    if value not in (0, 1):
+        raise ScheduleError(f"newline must be a bool (or 0 or 1), got {newline!r}")
+    return value
 
 
 def downsample_grid(grid: Grid, factor: int) -> Tuple[Grid, bool, bool]:
@@ -117,7 +130,9 @@ class Step:
 @dataclass(frozen=True)
 class StageInfo:
     """One stage of a validated schedule: layers ``[first_layer, end_layer)`` share one layout;
-    ``stage`` is its number (0: the unmodified layout)."""
+    ``stage`` is its number (0: the unmodified layout). ``grid`` is the image grid of the stage and
+    ``tokens_per_image`` the tokens one image keeps in it: ``h * w``, or ``h * (w + 1)`` for a grid
+    whose rows end with a newline token (``validate(..., newline=True)``)."""
 
     stage: int
     first_layer: int
@@ -245,13 +260,46 @@ class Schedule:
             out.append(nxt)
         return out
 
+    def image_tokens(self, grid: Sequence[int], *, newline: bool = False) -> list[int]:
+        """Tokens one image keeps at every stage, stage 0 first: ``h_s * w_s`` for its stage grids
+        (:meth:`grids`), or ``h_s * (w_s + 1)`` when ``newline`` (each grid row followed by one
+        newline token, kept with its row; the newline column is not a column of the grid, so the
+        downsampling rule sees ``h x w``). Raises :class:`ScheduleError` when the schedule cannot
+        downsample the grid (a side of length 1 to halve).
+
+        ``Schedule.parse("1:2,2:2").image_tokens((3, 4), newline=True)`` is ``[15, 9, 6]``
+        (3x4 -> 3x2 -> 2x2 grids, plus one newline per row).
+        """
+        nl = newline_flag(newline)
+        return [h * (w + nl) for h, w in self.grids(grid)]
+
+    def stage_lengths(self, num_tokens: int, grids: Sequence[Sequence[int]]) -> list[int]:
+        """Tokens alive in every stage of a sequence of ``num_tokens`` tokens that holds images of
+        ``grids``: one ``(h, w)`` per image, or ``(h, w, newline)`` for a grid whose rows each end
+        with a newline token (:meth:`image_tokens`). The sequence's text tokens plus each image's
+        tokens at the stage (spec section 4). Raises :class:`ScheduleError` for a grid the
+        schedule cannot downsample."""
+        per_grid = {}
+        for g in grids:
+            key = tuple(int(v) for v in g)
+            if key not in per_grid:
+                per_grid[key] = self.image_tokens(key[:2], newline=bool(key[2]) if len(key) > 2 else False)
+        sizes = [per_grid[tuple(int(v) for v in g)] for g in grids]
+        text = int(num_tokens) - sum(s[0] for s in sizes)
+        if text < 0:
+            raise ScheduleError(f"{num_tokens} tokens cannot hold images of {sum(s[0] for s in sizes)} tokens")
+        return [text + sum(s[k] for s in sizes) for k in range(len(self.steps) + 1)]
+
     def stage_of_layer(self, layer: int) -> int:
         """The stage (0 = unmodified layout) that decoder layer ``layer`` runs in."""
         return sum(1 for st in self.steps if st.layer <= layer)
 
-    def validate(self, num_layers: int, grid: Sequence[int] | None = None) -> list[StageInfo]:
+    def validate(self, num_layers: int, grid: Sequence[int] | None = None, *,
+                 newline: bool = False) -> list[StageInfo]:
         """Check the schedule against a model; returns one :class:`StageInfo` per stage.
 
+        ``grid`` (optional) is an image's ``(h, w)``; ``newline`` says its rows each end with a
+        newline token, which the stages' ``tokens_per_image`` then count (:meth:`image_tokens`).
         Raises :class:`ScheduleError` if a layer is ``>= num_layers`` or a grid side would have to
         be halved below 1.
         """
@@ -263,10 +311,11 @@ class Schedule:
                     f"schedule '{self}' does not fit a model with {num_layers} decoder layers: "
                     f"step '{st}' needs 1 <= layer < {num_layers}"
                 )
+        nl = newline_flag(newline)
         grids = self.grids(grid) if grid is not None else [(0, 0)] * (len(self.steps) + 1)
         bounds = [0, *self.layers, num_layers]
         return [
-            StageInfo(i, bounds[i], bounds[i + 1], grids[i], grids[i][0] * grids[i][1])
+            StageInfo(i, bounds[i], bounds[i + 1], grids[i], grids[i][0] * (grids[i][1] + nl))
             for i in range(len(self.steps) + 1)
         ]
 

@@ -1,4 +1,4 @@
-"""Baselines that ADSC is measured against (``adsc bench``); not part of the ADSC runtime."""
+"""Baselines that ADSC is measured against (``adsc bench``, the lmms-eval plugin): FastV."""
 
 from .fastv import FastV, budget_keep
 

@@ -4,9 +4,10 @@
 - :mod:`adsc_ext.bench.suite`: the measurements, the records and the spec-8 targets;
 - :mod:`adsc_ext.bench.timing`: repeated timings with their spread, and target judgement.
 
-``python -m adsc_ext.bench`` is ``adsc bench``.
+Imports go one way: ``cli`` -> ``suite`` -> ``timing`` (``adsc_ext.cli`` runs ``cli``; nothing here
+imports ``adsc_ext.cli``). ``python -m adsc_ext.bench`` is ``adsc bench``.
 """
 
-from .cli import add_arguments, main, run
+from .cli import add_arguments, run
 
-__all__ = ["add_arguments", "main", "run"]
+__all__ = ["add_arguments", "run"]

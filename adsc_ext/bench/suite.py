@@ -44,54 +44,82 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..errors import BenchError
 from .timing import Samples, kernel_seconds, speedup_bounds, sync, verdict, wall_samples
 
-__all__ = ["run_suite", "full_model_bytes", "applicability"]
+__all__ = ["run_suite", "full_model_bytes", "applicability", "tiny_config"]
 
 #: GPUs spec section 8's targets are stated for.
 TARGET_GPUS = ("H100", "H200")
 
 
 # ---- the model and the prompts -----------------------------------------------------------------------
+#: the --tiny model
+TINY_MODEL = dict(grid_side=24, patch_size=2, num_layers=8, hidden_size=64)
+
+
+def tiny_config():
+    from ..testing import tiny_llava_config
+
+    return tiny_llava_config(**TINY_MODEL)
+
+
 def _full_config():
-    from ..hf.tiny import llava15_7b_config
+    from ..testing import llava15_7b_config
 
     return llava15_7b_config()
 
 
+def _config(args):
+    """The run's model config: ``--model``'s (set by the CLI's checks), the tiny one, or LLaVA-1.5-7B."""
+    cfg = getattr(args, "model_config", None)
+    if cfg is not None:
+        return cfg
+    return tiny_config() if getattr(args, "tiny", False) else _full_config()
+
+
+def _model_name(args) -> str:
+    return getattr(args, "model_name", None) or ("tiny-llava" if getattr(args, "tiny", False) else "llava-1.5-7b")
+
+
 def full_model_bytes(args, dtype: torch.dtype) -> int:
-    """What the full-size run needs on the device, roughly: the weights (counted on the meta
-    device, nothing allocated), the largest decode engines' pools (both at once, 256-token
-    rounding) and 4 GiB for activations."""
+    """What the run needs on the device, roughly: the weights (counted from the config, nothing
+    allocated), the larger of the prefill engines' and the largest decode engines' pools (both
+    engines at once; decode at 256-token rounding, prefill at --block-size) and 4 GiB for
+    activations (512 MiB for --tiny)."""
     from ..accounting import plan_report, spec_from_config
-    from ..hf.tiny import build_llava
+    from ..models.checkpoint import SUPPORTED
 
-    cfg = _full_config()
-    with torch.device("meta"):
-        model = build_llava(cfg)
+    cfg = _config(args)
+    tiny = getattr(args, "tiny", False)
     elt = torch.empty((), dtype=dtype).element_size()
-    weights = sum(p.numel() for p in model.parameters()) * elt
-    new = args.new_tokens or 256
-    batch = max(list(args.decode_batches) + [args.decode_batch])
-    spec = spec_from_config(cfg.to_dict(), "llava-1.5-7b")
+    weights = SUPPORTED["llava"].parameters(cfg.to_dict()) * elt
+    spec = spec_from_config(cfg.to_dict(), _model_name(args))
     per_tok = 2 * spec.num_kv_heads * spec.head_dim * elt  # K + V of a token in a layer
-    kv = 0
-    for sched in ("", args.schedule or "8:2,16:2,24:2"):  # both engines' pools, 256-token blocks
-        r = plan_report(spec, sched, 1 + args.text_tokens, 1, elt)
-        for st in r["stages"]:
-            tokens = -(-(st["tokens"] + new) // 256) * 256
-            kv += batch * (st["last_layer"] - st["first_layer"] + 1) * tokens * per_tok
-    return int(weights + kv + (4 << 30))
+    schedule = args.schedule if args.schedule is not None else ("2:2,4:2,6:2" if tiny else "8:2,16:2,24:2")
+
+    def pools(batch: int, new: int, block: int) -> int:
+        kv = 0
+        for sched in ("", schedule):  # both engines' pools
+            r = plan_report(spec, sched, 1 + args.text_tokens, 1, elt)
+            for st in r["stages"]:
+                tokens = -(-(st["tokens"] + new) // block) * block
+                kv += batch * (st["last_layer"] - st["first_layer"] + 1) * tokens * per_tok
+        return kv
+
+    decode = pools(max(list(args.decode_batches) + [args.decode_batch]), args.new_tokens or (16 if tiny else 256), 256)
+    prefill_batches = list(getattr(args, "prefill_batches", None) or []) + [getattr(args, "prefill_batch", 1)]
+    prefill = pools(max(prefill_batches), 1, max(1, getattr(args, "block_size", 16)))
+    return int(weights + max(decode, prefill) + ((512 << 20) if tiny else (4 << 30)))
 
 
-def _build_model(tiny: bool, device: torch.device, dtype: torch.dtype):
-    from ..hf.tiny import build_llava, tiny_llava
+def _build_model(tiny: bool, device: torch.device, dtype: torch.dtype, config=None):
+    from ..testing import build_llava, tiny_llava
 
     if tiny:
-        return tiny_llava(seed=0, grid_side=24, patch_size=2, num_layers=8, hidden_size=64,
-                          attn_implementation="sdpa", dtype=dtype).to(device)
+        return tiny_llava(seed=0, **TINY_MODEL, attn_implementation="sdpa", dtype=dtype).to(device)
     with torch.device(device):
-        model = build_llava(_full_config(), attn_implementation="sdpa", dtype=dtype)
+        model = build_llava(config if config is not None else _full_config(), attn_implementation="sdpa", dtype=dtype)
     return model.eval()
 
 
@@ -173,14 +201,12 @@ def run_suite(args, device: torch.device, dtype: torch.dtype, new_tokens: int, o
     decode_batches = sorted(set(args.decode_batches) | {args.decode_batch})
     graphs = args.cuda_graphs == "on" or (args.cuda_graphs == "auto" and device.type == "cuda")
     if graphs and not graphs_supported(device):
-        from .cli import BenchError
-
         raise BenchError("--cuda-graphs on needs a CUDA device")
 
-    model = _build_model(args.tiny, device, dtype)
+    model = _build_model(args.tiny, device, dtype, getattr(args, "model_config", None))
     prog.step(f"model built ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {dtype_name})")
     elt = torch.empty((), dtype=dtype).element_size()
-    spec = spec_from_config(model.config.to_dict(), "tiny-llava" if args.tiny else "llava-1.5-7b")
+    spec = spec_from_config(model.config.to_dict(), _model_name(args))
     report = plan_report(spec, schedule, 1 + args.text_tokens, 1, elt, decode_batch=args.decode_batch,
                          new_tokens=new_tokens)
     not_applicable = applicability(args.tiny, device, dtype)
@@ -194,7 +220,7 @@ def run_suite(args, device: torch.device, dtype: torch.dtype, new_tokens: int, o
     decode_bs = args.decode_block_size
     if decode_bs == "auto":
         decode_bs = PAGED_BLOCK_MULTIPLE if probe.attention.decode_path == "paged" else args.block_size
-    base_cfg = dict(model="tiny-llava" if args.tiny else "llava-1.5-7b (random weights)", dtype=dtype_name,
+    base_cfg = dict(model=_model_name(args) + ("" if args.tiny else " (random weights)"), dtype=dtype_name,
                     schedule=schedule, backend=probe.backend,
                     prompt=f"1 BOS + {probe.tokens_per_image} image + {args.text_tokens} text tokens",
                     repeats=repeats)
@@ -547,7 +573,7 @@ def _plot(records, targets, path: Path, title: str):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return None, "matplotlib is not installed (pip install 'adsc_ext[bench]')"
+        return None, "matplotlib is not installed (pip install matplotlib; it comes with adsc_ext's [bench] extra)"
     rows = [r for r in records if "speedup" in r]
     names = [r["metric"] for r in rows]
     vals = [r["speedup"] for r in rows]

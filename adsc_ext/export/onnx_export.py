@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import logging
 import platform
@@ -35,6 +36,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -42,10 +44,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import _plugin
-from .manifest import FORMAT, FORMAT_VERSION, GRAPH_FILES, ExportError, past_dim, stage_dim, write_manifest
+from .manifest import (FORMAT, FORMAT_VERSION, GRAPH_FILES, ONNX_DTYPES, ExportError, check_graph, graph_io,
+                       graph_metadata, load_manifest, past_dim, stage_dim, write_manifest)
 
 __all__ = ["export_onnx", "DEFAULT_OPSET", "ATTENTION_OPSET", "COMPACTIONS", "plugin_reference_function",
-           "require_onnx"]
+           "require_onnx", "check_opset"]
 
 DEFAULT_OPSET = 23
 ATTENTION_OPSET = 23   # the first opset with the ONNX Attention op
@@ -60,8 +63,48 @@ def require_onnx():
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as exc:
-        raise ImportError(f"ONNX export needs the 'export' extra (pip install 'adsc_ext[export]'): {exc}") from None
+        raise ImportError(f"ONNX export needs onnx, onnxscript and onnxruntime (pip install onnx onnxscript onnxruntime; adsc_ext's [export] extra): {exc}") from None
     return onnx
+
+
+@functools.lru_cache(maxsize=None)
+def _declared_opset(opset: int) -> Optional[int]:
+    """The default-domain opset ``torch.onnx.export(dynamo=True)`` declares when asked for ``opset``,
+    on a one-op graph that lowers to ``Attention`` from opset 23 (a probe of about a second, once per
+    opset and process). The exporter writes its graphs at its own opset (18) and converts them; past
+    the converter's range it keeps 18 silently, with the newer ops already in the graph."""
+    class _Probe(torch.nn.Module):
+        def forward(self, q):
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+    with _quiet_exporter(), torch.no_grad():
+        prog = torch.onnx.export(_Probe(), (torch.zeros(1, 2, 3, 4),), dynamo=True, opset_version=opset,
+                                 optimize=False, verbose=False)
+    return dict(prog.model.opset_imports).get("")
+
+
+def check_opset(opset) -> None:
+    """Refuse an opset this exporter cannot write (:class:`ExportError`), before anything is exported:
+    below :data:`MIN_OPSET`, above what the installed onnx knows, or one the exporter would not
+    declare (:func:`_declared_opset`)."""
+    import onnx
+
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ExportError(f"opset must be an int >= {MIN_OPSET}, got {opset!r}")
+    known = onnx.defs.onnx_opset_version()
+    if opset > known:
+        raise ExportError(f"opset {opset}: the installed onnx {onnx.__version__} knows opsets up to {known}")
+    try:
+        got = _declared_opset(opset)
+    except Exception as exc:  # the exporter's errors share no base class; name it and stop here
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"opset {opset}: torch.onnx.export fails for it ({type(exc).__name__}: {first})") from None
+    if got != opset:
+        best = next((o for o in range(opset - 1, MIN_OPSET - 1, -1) if _declared_opset(o) == o), MIN_OPSET)
+        raise ExportError(f"opset {opset}: this exporter (torch {torch.__version__}, onnxscript "
+                          f"{_versions().get('onnxscript', '?')}) cannot write it (asked for opset {opset}, it "
+                          f"declares opset {got}); the highest opset it writes is {best} (the default is "
+                          f"{DEFAULT_OPSET})")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -129,15 +172,11 @@ def plugin_reference_function():
 
 
 # ---- one graph ---------------------------------------------------------------------------------
-_ONNX_DTYPE = {"FLOAT": "float32", "FLOAT16": "float16", "BFLOAT16": "bfloat16", "INT64": "int64",
-               "INT32": "int32", "BOOL": "bool"}
-
-
 def _describe(values, meanings: Dict[str, str]) -> List[Dict[str, Any]]:
     out = []
     for v in values:
         dims = [d if isinstance(d, int) else str(d) for d in v.shape.dims]
-        out.append({"name": v.name, "dtype": _ONNX_DTYPE.get(v.dtype.name, v.dtype.name.lower()), "shape": dims,
+        out.append({"name": v.name, "dtype": ONNX_DTYPES.get(v.dtype.name, v.dtype.name.lower()), "shape": dims,
                     "meaning": _meaning(v.name, meanings)})
     return out
 
@@ -177,6 +216,10 @@ def _export_graph(module, args, dynamic_shapes, input_names, output_names, *, op
             custom_translation_table=table,
         )
     model = prog.model
+    declared = dict(model.opset_imports).get("")
+    if declared != opset:  # check_opset probed it; a graph that still differs is not written
+        raise ExportError(f"{path.name}: the exporter declares opset {declared} for a graph asked for opset {opset}: "
+                          f"it cannot write opset {opset}")
     _check_dynamic(model, args, dynamic_shapes, path.name)
     for k, v in metadata.items():
         model.metadata_props[k] = v
@@ -269,12 +312,12 @@ def _install(tmp: Path, out_dir: Path) -> None:
 def export_onnx(model, out_dir, schedule=None, *, dtype=None, opset: int = DEFAULT_OPSET,
                 compaction: str = "onnx", force: bool = False,
                 progress: Optional[Callable[[str], None]] = _stderr, source: Optional[str] = None) -> Dict[str, Any]:
-    """Export ``model`` (a ``transformers.LlavaForConditionalGeneration``) with ``schedule`` baked in.
+    """Export ``model`` (LLaVA-1.5 or Qwen2.5-VL, ``transformers``' classes) with ``schedule`` baked in.
 
     Args:
         out_dir: the folder to write (created; an existing non-empty one is refused unless ``force``).
         schedule: schedule text / :class:`~adsc_ext.Schedule`; None: ``config.adsc_schedule``, else the
-            LLaVA-1.5 default; ``""`` exports the unmodified model.
+            architecture's default (spec section 2); ``""`` exports the unmodified model.
         dtype: float32 / float16 / bfloat16 (or "fp32", "fp16", "bf16"); None keeps the model's.
             A different dtype is exported from a converted copy (the model is not changed).
         opset: ONNX opset, >= 18; the ``Attention`` op needs >= 23 (the default), below it attention
@@ -290,22 +333,28 @@ def export_onnx(model, out_dir, schedule=None, *, dtype=None, opset: int = DEFAU
     bad arguments or an existing folder.
     """
     require_onnx()
-    from ..models.llava import llava_spec, resolve_schedule, unwrap
-    from .onnx_graphs import DecodeGraph, EmbedGraph, PrefillGraph, VisionGraph
+    from ..layout import StageMap
+    from ..models.base import model_spec, unwrap
+    from .manifest import ARCHITECTURES
+    from .onnx_graphs import DecodeGraph, EmbedGraph, PrefillGraph, QwenVisionGraph, VisionGraph
 
     if compaction not in COMPACTIONS:
         raise ExportError(f"compaction must be one of {', '.join(COMPACTIONS)}, got {compaction!r}")
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise ExportError(f"opset must be an int >= {MIN_OPSET}, got {opset!r}")
+    check_opset(opset)
     model = unwrap(model)
-    spec = llava_spec(model)
-    sched, stages = resolve_schedule(model.config, schedule, spec.num_layers, spec.grid)
+    spec = model_spec(model)
+    spec.check_runtime("the ONNX export")
+    if spec.name not in ARCHITECTURES:
+        raise ExportError(f"the ONNX export supports {', '.join(ARCHITECTURES)}; {spec.name}'s vision tower has no "
+                          f"exported graph")
+    sched, stages = spec.resolve_schedule(schedule, model.config)
     want = _resolve_dtype(dtype)
     have = next(model.parameters()).dtype
     out_dir = Path(out_dir)
     prepare_folder(out_dir, force)
     if want is not None and want != have:
         model = copy.deepcopy(model).to(want)
+        spec = model_spec(model)  # the copy's spec: the graphs run its modules
     dt = want or have
     dname = _dtype_name(dt)
     if compaction == "plugin":
@@ -314,56 +363,78 @@ def export_onnx(model, out_dir, schedule=None, *, dtype=None, opset: int = DEFAU
 
     L, n_st = spec.num_layers, len(stages)
     B, D, hd, kvh = 2, spec.hidden_size, spec.head_dim, spec.num_kv_heads
-    stage_of = [sched.stage_of_layer(l) for l in range(L)]
+    arch = spec.name
+    stage_of = list(StageMap(sched, L).stage_of_layer)
     batch = torch.export.Dim("batch", min=1)
     seq = [torch.export.Dim(stage_dim(s), min=1) for s in range(n_st)]
     past = [torch.export.Dim(past_dim(s), min=1) for s in range(n_st)]
-    kv_names = lambda pre: [f"{pre}.{l}.{w}" for l in range(L) for w in ("key", "value")]  # noqa: E731
-    metadata = {"adsc_schedule": str(sched), "adsc_grid": f"{spec.grid[0]}x{spec.grid[1]}",
-                "adsc_image_token_id": str(spec.image_token_id), "adsc_format": f"{FORMAT}/{FORMAT_VERSION}",
-                "adsc_dtype": dname}
+    io_names = graph_io(L, n_st, arch)
+    grid = spec.schedule_grid()
+    facts = {"export_id": uuid.uuid4().hex, "architecture": arch, "schedule": str(sched),
+             "grid": None if grid is None else list(grid), "image_token_id": spec.image_token_id,
+             "dtype": dname}  # every graph carries them (graph_metadata)
     lens = [2 * n_st + 8 - s for s in range(n_st)]  # example lengths: >= 2 and distinct, so none specialises
     kv_meaning = {f"present.*": "this layer's K (or V), [batch, num_kv_heads, its stage's length, head_dim]"}
+    lead = tuple(spec.position_lead)  # a position's leading components (M-RoPE: text, T, H, W)
+    npl = len(lead)
+    pos_text = ("[4, batch, seq]: the text index, then the temporal, height and width M-RoPE ids" if npl
+                else "[batch, seq]")
 
     jobs: List[Tuple[str, Any, tuple, Any, List[str], List[str], Dict[str, str], Any]] = []
-    side = spec.image_size
-    jobs.append(("vision", VisionGraph(model, spec), (torch.zeros(2, 3, side, side, dtype=dt),),
-                 ({0: torch.export.Dim("num_images", min=1)},), ["pixel_values"], ["image_features"],
-                 {"pixel_values": f"preprocessed images [num_images, 3, {side}, {side}]",
-                  "image_features": f"projected features, {spec.tokens_per_image} rows (the {spec.grid[0]}x"
-                                    f"{spec.grid[1]} grid, raster order) per image"}, None))
+    if arch == "qwen2.5-vl":
+        n_patch = 2 * 4 * spec.spatial_merge_size ** 2  # example: two windows' worth of merge units
+        patches = torch.export.Dim("num_patches", min=2)
+        jobs.append(("vision", QwenVisionGraph(model, spec),
+                     (torch.zeros(n_patch, spec.patch_dim, dtype=dt), torch.zeros(n_patch, 2, dtype=torch.long),
+                      torch.zeros(n_patch, dtype=torch.long), torch.arange(n_patch) // 4),
+                     ({0: patches}, {0: patches}, {0: patches}, {0: patches}), *io_names["vision"],
+                     {"pixel_values": f"the processor's patches [num_patches, {spec.patch_dim}] of every image (or "
+                                      f"video) in window order (QwenVLSpec.vision_layout(grid_thw)['order'])",
+                      "position_ids": "int64 [num_patches, 2]: each patch's (row, column) rotary ids, window order",
+                      "full_segments": "int64 [num_patches]: the item and temporal patch of each patch (attention "
+                                       f"blocks of the full-attention layers {list(spec.fullatt_blocks)})",
+                      "window_segments": "int64 [num_patches]: the attention window of each patch (the other layers)",
+                      "image_features": f"merged features [num_patches / {spec.spatial_merge_size ** 2}, hidden] in "
+                                        f"window order (vision_layout(...)['restore'] puts them in raster order)"},
+                     None))
+    else:
+        side = spec.image_size
+        jobs.append(("vision", VisionGraph(model, spec), (torch.zeros(2, 3, side, side, dtype=dt),),
+                     ({0: torch.export.Dim("num_images", min=1)},), *io_names["vision"],
+                     {"pixel_values": f"preprocessed images [num_images, 3, {side}, {side}]",
+                      "image_features": f"projected features, {spec.tokens_per_image} rows (the {spec.grid[0]}x"
+                                        f"{spec.grid[1]} grid, raster order) per image"}, None))
     jobs.append(("embed", EmbedGraph(model), (torch.zeros(B, 3, dtype=torch.long),),
-                 ({0: batch, 1: torch.export.Dim("seq", min=1)},), ["input_ids"], ["inputs_embeds"],
+                 ({0: batch, 1: torch.export.Dim("seq", min=1)},), *io_names["embed"],
                  {"input_ids": "token ids [batch, seq] (prefill prompt or one decode token per row)",
                   "inputs_embeds": "token embeddings; the host scatters image_features into the image-token rows"},
                  None))
-    idx_in = [f"adsc_index.{s}" for s in range(1, n_st)]
     pre_args = (torch.zeros(B, lens[0], D, dtype=dt), torch.ones(B, lens[0], dtype=torch.long),
-                torch.arange(lens[0]).expand(B, -1).contiguous(),
+                torch.arange(lens[0]).expand(*lead, B, -1).contiguous(),
                 *(torch.zeros(B, lens[s], dtype=torch.int32) for s in range(1, n_st)))
-    pre_dyn = ({0: batch, 1: seq[0]}, {0: batch, 1: seq[0]}, {0: batch, 1: seq[0]})
+    pre_dyn = ({0: batch, 1: seq[0]}, {0: batch, 1: seq[0]}, {npl: batch, npl + 1: seq[0]})
     if n_st > 1:  # the *index varargs (none for the empty schedule)
         pre_dyn += (tuple({0: batch, 1: seq[s]} for s in range(1, n_st)),)
     jobs.append(("prefill", PrefillGraph(model, spec, sched, stages, plugin=compaction == "plugin"), pre_args, pre_dyn,
-                 ["inputs_embeds", "attention_mask", "position_ids", *idx_in], ["logits", *kv_names("present")],
+                 *io_names["prefill"],
                  {"inputs_embeds": "left-padded prompt embeddings with image features scattered in [batch, seq_stage0, hidden]",
                   "attention_mask": "1 for real tokens, 0 for left padding [batch, seq_stage0]",
-                  "position_ids": "stage_plan(...).stages[0].position_ids (padding: 1)",
+                  "position_ids": f"the model spec's stage-0 positions {pos_text} (padding: 1)",
                   "adsc_index.*": "stage_plan(...).stages[s].index, int32 [batch, seq_stage<s>]: flat row of the previous "
                                   "stage's [batch * seq] layout per slot, -1 for padding",
                   "logits": "float32 [batch, vocab]: scores of each row's last prompt token", **kv_meaning},
                  _plugin_translation() if compaction == "plugin" else None))
-    pm_in = [f"past_mask.{s}" for s in range(n_st)]
-    dec_args = (torch.zeros(B, 1, D, dtype=dt), torch.full((B, 1), lens[0], dtype=torch.long),
+    dec_args = (torch.zeros(B, 1, D, dtype=dt), torch.full((*lead, B, 1), lens[0], dtype=torch.long),
                 *(torch.ones(B, lens[s], dtype=torch.long) for s in range(n_st)),
                 *(torch.zeros(B, kvh, lens[stage_of[l]], hd, dtype=dt) for l in range(L) for _ in range(2)))
-    dec_dyn = ({0: batch}, {0: batch},
+    dec_dyn = ({0: batch}, {npl: batch},
                (*({0: batch, 1: past[s]} for s in range(n_st)),
                 *({0: batch, 2: past[stage_of[l]]} for l in range(L) for _ in range(2))))
     jobs.append(("decode", DecodeGraph(model, spec, sched, stages), dec_args, dec_dyn,
-                 ["inputs_embeds", "position_ids", *pm_in, *kv_names("past_key_values")], ["logits", *kv_names("present")],
+                 *io_names["decode"],
                  {"inputs_embeds": "embedding of each row's new token [batch, 1, hidden]",
-                  "position_ids": "position of the new token [batch, 1]: prompt length + tokens generated before it",
+                  "position_ids": f"position of the new token ({pos_text} with seq 1): the row's next position after "
+                                  f"its prompt (prompt length; M-RoPE: + the row's rope delta) + tokens generated before it",
                   "past_mask.*": "int64 [batch, past_seq_stage<s>]: 1 for cached real tokens, 0 for padding slots",
                   "past_key_values.*": "cached K (or V) of this layer [batch, num_kv_heads, past_seq_stage<its stage>, head_dim]",
                   "logits": "float32 [batch, vocab]: scores of the next token",
@@ -377,7 +448,7 @@ def export_onnx(model, out_dir, schedule=None, *, dtype=None, opset: int = DEFAU
     try:
         for name, module, args, dyn, ins, outs, meanings, table in jobs:
             info = _export_graph(module, args, dyn, ins, outs, opset=opset, path=tmp / GRAPH_FILES[name],
-                                 metadata={**metadata, "adsc_graph": name}, meanings=meanings, table=table)
+                                 metadata=graph_metadata(facts, name), meanings=meanings, table=table)
             graphs[name] = info
             if progress is not None:
                 progress(f"adsc export: {info['file']:<12} {info['bytes'] / 2**20:9.1f} MiB  {info['seconds']:7.1f} s"
@@ -386,13 +457,12 @@ def export_onnx(model, out_dir, schedule=None, *, dtype=None, opset: int = DEFAU
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
+            "export_id": facts["export_id"],
+            "architecture": arch,
             "schedule": str(sched),
-            "grid": list(spec.grid),
             "image_token_id": spec.image_token_id,
-            "tokens_per_image": spec.tokens_per_image,
-            "image_size": spec.image_size,
             "stages": [{"stage": st.stage, "first_layer": st.first_layer, "end_layer": st.end_layer,
-                        "grid": list(st.grid), "tokens_per_image": st.tokens_per_image,
+                        **({"grid": list(st.grid), "tokens_per_image": st.tokens_per_image} if grid else {}),
                         "prefill_dim": stage_dim(st.stage), "decode_dim": past_dim(st.stage)} for st in stages],
             "stage_of_layer": stage_of,
             "model": {"num_layers": L, "hidden_size": D, "num_heads": spec.num_heads, "num_kv_heads": kvh,
@@ -411,12 +481,19 @@ def export_onnx(model, out_dir, schedule=None, *, dtype=None, opset: int = DEFAU
             "traced_with": {"batch": B, "num_images": 2, "seq_stage": lens, "past_seq_stage": lens},
             "graphs": graphs,
         }
+        if grid is not None:  # one image grid (LLaVA-1.5)
+            manifest.update(grid=list(grid), tokens_per_image=spec.tokens_per_image, image_size=spec.image_size)
+        else:
+            manifest.update(spec.manifest_facts())
         if compaction == "plugin":
             manifest["plugin"] = {"op_type": _plugin.OP_TYPE, "domain": _plugin.DOMAIN,
                                   "domain_version": _plugin.DOMAIN_VERSION, "plugin_name": _plugin.PLUGIN_NAME,
                                   "plugin_version": _plugin.PLUGIN_VERSION,
                                   "plugin_namespace": _plugin.PLUGIN_NAMESPACE, "library": _plugin.PLUGIN_LIBRARY}
         write_manifest(tmp, manifest)
+        load_manifest(tmp)  # what the runners will check, checked before the folder is installed
+        for name in GRAPH_FILES:
+            check_graph(tmp, name, manifest)
         _install(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,8 +1,9 @@
 """The PyTorch modules that are exported to ONNX: one per graph of an ADSC LLaVA deployment.
 
-Every module reads the model through the one model spec (:mod:`adsc_ext.models.llava`): the decoder
-layer is run as ``attention_inputs`` -> attention -> ``attention_output``, so the exported math is
-the math the engine and the tests check against transformers' own layer. Attention is
+Every module reads the model through its model spec (:class:`~adsc_ext.models.ModelSpec`): the
+decoder layer is run as ``attention_inputs`` -> attention -> ``attention_output``, so the exported
+math is the math the engine and the tests check against transformers' own layer; the stage layout
+(compaction, masks) is :class:`~adsc_ext.layout.StagedLayout`'s, traced. Attention is
 ``F.scaled_dot_product_attention``, which the ONNX exporter maps to the ONNX ``Attention`` op at
 opset >= 23 (GQA included) and to MatMul/Softmax below.
 
@@ -26,75 +27,59 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.llava import (
-    LlavaSpec,
-    attention_inputs,
-    attention_output,
-    rotary,
-    text_model,
-    unwrap,
-)
+from ..layout import StagedLayout, StageMap, causal_mask, gather_rows
+from ..models.base import ModelSpec, unwrap
 from ..schedule import Schedule, StageInfo
 
-__all__ = ["EmbedGraph", "VisionGraph", "PrefillGraph", "DecodeGraph", "compact_rows"]
+__all__ = ["EmbedGraph", "VisionGraph", "QwenVisionGraph", "PrefillGraph", "DecodeGraph", "compact_rows"]
 
 
 def compact_rows(x: torch.Tensor, index: torch.Tensor, plugin: bool = False) -> torch.Tensor:
     """``x [B, S, D]`` compacted by a plan index ``[B, S']`` of flat rows of ``x`` -> ``[B, S', D]``;
     a slot holding ``-1`` (padding) is a zero row.
 
-    Standard ops (exported as Gather + Where: a plain Gather would read row -1, the last row), or,
-    with ``plugin``, ``torch.ops.adsc.compact_tokens``, which the exporter translates into one
-    ``AdscCompactTokens`` node (see :mod:`adsc_ext.export._plugin`).
+    Standard ops (:func:`adsc_ext.layout.gather_rows`: Gather + Where, as a plain Gather would
+    read row -1, the last row), or, with ``plugin``, ``torch.ops.adsc.compact_tokens``, which the
+    exporter translates into one ``AdscCompactTokens`` node (see :mod:`adsc_ext.export._plugin`).
     """
     B, S2 = index.shape
-    rows = x.reshape(-1, x.shape[-1])
-    flat = index.reshape(-1)
-    if plugin:
-        out = torch.ops.adsc.compact_tokens(rows, flat, False)
-    else:
-        keep = (flat >= 0).unsqueeze(-1)
-        out = torch.where(keep, rows.index_select(0, flat.clamp(min=0).long()), torch.zeros((), dtype=x.dtype))
-    return out.reshape(B, S2, x.shape[-1])
+    rows = _compactor(plugin)(x.reshape(-1, x.shape[-1]), index.reshape(-1))
+    return rows.reshape(B, S2, x.shape[-1])
+
+
+def _plugin_compact(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return torch.ops.adsc.compact_tokens(rows, index, False)
+
+
+def _compactor(plugin: bool):
+    """The layout's compaction in an exported graph: standard ops, or the plugin node."""
+    return _plugin_compact if plugin else gather_rows
 
 
 class _Decoder(nn.Module):
-    """What prefill and decode share: the text model's layers, norm, head and the stage layout."""
+    """What prefill and decode share: the model's spec (its layers, rotary, norm and head) and the
+    stage of every layer."""
 
-    def __init__(self, model, spec: LlavaSpec, schedule: Schedule, stages: Sequence[StageInfo]):
+    def __init__(self, model, spec: ModelSpec, schedule: Schedule, stages: Sequence[StageInfo]):
         super().__init__()
         self.model = unwrap(model)
-        self.text = text_model(model)
-        self.lm_head = self.model.lm_head
+        self.layers = spec.layers  # the model's own ModuleList
         self.spec = spec
-        self.schedule = schedule
-        self.num_stages = len(stages)
-        self.stage_of_layer = [schedule.stage_of_layer(l) for l in range(spec.num_layers)]
-        self.boundaries = {st.first_layer: st.stage for st in stages[1:]}
+        self.stage_map = StageMap(schedule, spec.num_layers)
         self.gqa = spec.num_heads != spec.num_kv_heads
 
     def attend(self, layer, h, cos, sin, mask, past=None):
         """One decoder layer; returns ``(h, k, v)`` with ``k, v [B, kv_heads, T_total, head_dim]``."""
-        q, k, v = attention_inputs(layer, h, cos, sin, self.spec.head_dim)
+        q, k, v = self.spec.attention_inputs(layer, h, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.spec.scaling, enable_gqa=self.gqa)
-        return attention_output(layer, h, o.transpose(1, 2)), k, v
+        return self.spec.attention_output(layer, h, o.transpose(1, 2)), k, v
 
     def logits(self, h_last: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.text.norm(h_last)).float()
-
-
-def _prefill_mask(valid: torch.Tensor) -> torch.Tensor:
-    """``valid [B, S]`` bool -> ``[B, 1, S, S]`` bool: causal over real keys. A padding query may
-    always see itself, so no row is fully masked (a fully masked softmax row is NaN on some
-    backends); its output is never read."""
-    pos = torch.arange(valid.shape[1], device=valid.device)
-    causal = pos[None, :] <= pos[:, None]
-    diag = pos[None, :] == pos[:, None]
-    return (causal[None] & (valid[:, None, :] | diag[None]))[:, None]
+        return self.spec.logits(h_last).float()
 
 
 class PrefillGraph(_Decoder):
@@ -104,7 +89,8 @@ class PrefillGraph(_Decoder):
     *index)`` with one int32 ``index[s-1] [B, S_s]`` per stage ``s >= 1`` (the plan's
     ``stages[s].index``: flat rows of the previous stage, -1 padding). Returns ``logits [B, V]``
     (float32, each row's last prompt token), then ``key, value`` of every layer,
-    ``[B, kv_heads, S_stage, head_dim]``.
+    ``[B, kv_heads, S_stage, head_dim]``. The layout is :meth:`StagedLayout.from_index` of the
+    inputs: its compaction and masks are traced into the graph.
     """
 
     def __init__(self, model, spec, schedule, stages, plugin: bool = False):
@@ -112,18 +98,17 @@ class PrefillGraph(_Decoder):
         self.plugin = plugin
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *index):
+        layout = StagedLayout.from_index(self.stage_map, attention_mask != 0, index, compact=_compactor(self.plugin))
         h = inputs_embeds
-        cos, sin = rotary(self.model, h, position_ids)
-        mask = _prefill_mask(attention_mask != 0)
+        cos, sin = self.spec.rotary(h, position_ids)
         kv: List[torch.Tensor] = []
-        for l, layer in enumerate(self.text.layers):
-            if l in self.boundaries:
-                idx = index[self.boundaries[l] - 1]
-                h = compact_rows(h, idx, self.plugin)
-                cos = compact_rows(cos, idx, self.plugin)
-                sin = compact_rows(sin, idx, self.plugin)
-                mask = _prefill_mask(idx >= 0)
-            h, k, v = self.attend(layer, h, cos, sin, mask)
+        mask = None
+        for l, s, entering in layout.layers():
+            if entering:
+                if s > 0:
+                    h, cos, sin = layout.enter(s, h, cos, sin)
+                mask = layout.attention_mask(s)
+            h, k, v = self.attend(self.layers[l], h, cos, sin, mask)
             kv += [k, v]
         return (self.logits(h[:, -1]), *kv)
 
@@ -138,16 +123,16 @@ class DecodeGraph(_Decoder):
     """
 
     def forward(self, inputs_embeds, position_ids, *rest):
-        n = self.num_stages
+        n = self.stage_map.num_stages
         past_mask, past = rest[:n], rest[n:]
         h = inputs_embeds
-        cos, sin = rotary(self.model, h, position_ids)
-        new = torch.ones_like(position_ids, dtype=torch.bool)
-        masks = [torch.cat([m != 0, new], dim=1)[:, None, None, :] for m in past_mask]
+        cos, sin = self.spec.rotary(h, position_ids)
+        new = torch.ones_like(inputs_embeds[..., 0], dtype=torch.bool)  # [B, 1] (positions may lead with components)
+        keys = [torch.cat([m != 0, new], dim=1) for m in past_mask]
+        masks = [causal_mask(k, 1, k.shape[1] - 1) for k in keys]  # the new token sees every real key
         kv: List[torch.Tensor] = []
-        for l, layer in enumerate(self.text.layers):
-            h, k, v = self.attend(layer, h, cos, sin, masks[self.stage_of_layer[l]],
-                                  past=(past[2 * l], past[2 * l + 1]))
+        for l, s, _ in self.stage_map.layers():
+            h, k, v = self.attend(self.layers[l], h, cos, sin, masks[s], past=(past[2 * l], past[2 * l + 1]))
             kv += [k, v]
         return (self.logits(h[:, -1]), *kv)
 
@@ -163,6 +148,37 @@ class EmbedGraph(nn.Module):
         return self.embed(input_ids)
 
 
+class QwenVisionGraph(nn.Module):
+    """Qwen2.5-VL's vision tower + merger: ``pixel_values [N, patch_dim]`` (patches in window
+    order), ``position_ids [N, 2]``, ``full_segments [N]``, ``window_segments [N]`` ->
+    ``image_features [N / m^2, hidden]`` (merged tokens in window order).
+
+    The number of patches is dynamic; everything the tower derives from the grids (the window
+    order, the rotary ids, the attention blocks) is computed on the host by
+    :meth:`~adsc_ext.models.qwen_vl.QwenVLSpec.vision_layout` and fed in (transformers computes it
+    with host loops that a graph cannot hold), and the host puts the features back in raster order
+    (``restore``). Attention is one masked ``scaled_dot_product_attention`` per block over the
+    patches of the same block (``full_segments`` in the full-attention blocks, ``window_segments``
+    elsewhere); the blocks are :meth:`~adsc_ext.models.qwen_vl.QwenVLSpec.vision_block`.
+    """
+
+    def __init__(self, model, spec: ModelSpec):
+        super().__init__()
+        self.visual = unwrap(model).model.visual
+        self.spec = spec
+        self.full = set(spec.fullatt_blocks)
+
+    def forward(self, pixel_values, position_ids, full_segments, window_segments):
+        visual = self.visual
+        h = visual.patch_embed(pixel_values)
+        cos, sin = visual.rotary_pos_emb(h, position_ids)
+        full = full_segments[:, None] == full_segments[None, :]
+        window = window_segments[:, None] == window_segments[None, :]
+        for i, block in enumerate(visual.blocks):
+            h = self.spec.vision_block(block, h, cos, sin, full if i in self.full else window)
+        return visual.merger(h)
+
+
 class VisionGraph(nn.Module):
     """Vision tower + projector: ``pixel_values [N, 3, S, S]`` -> ``image_features [N, H*W, D]``.
 
@@ -173,7 +189,7 @@ class VisionGraph(nn.Module):
     tests check this graph against :func:`adsc_ext.models.llava.image_features`.
     """
 
-    def __init__(self, model, spec: LlavaSpec):
+    def __init__(self, model, spec: ModelSpec):
         super().__init__()
         self.model = unwrap(model)
         self.spec = spec

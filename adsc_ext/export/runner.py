@@ -5,13 +5,20 @@
 request; ``(tokens, logits)`` with ``return_logits=True``). One call runs:
 
 1. ``vision.onnx`` on every request's images, ``embed.onnx`` on the left-padded prompt batch, and
-   the image features scattered into the image-token rows (LLaVA's rule);
-2. the plan on the host, once per batch (:func:`adsc_ext.stage_plan`, padded layout, left padding);
+   the image features scattered into the image-token rows (LLaVA's rule; Qwen2.5-VL: the host
+   computes what the tower derives from the grids -- window order, rotary ids, attention blocks
+   -- with :meth:`~adsc_ext.models.qwen_vl.QwenVLSpec.vision_feeds`, images and videos each
+   into their own placeholder rows);
+2. the batch's :class:`~adsc_ext.layout.StagedLayout` on the host, once per batch (the model
+   spec's plan and positions -- M-RoPE ``[4, B, S]`` for Qwen2.5-VL --, padded layout, left
+   padding): its gather indices, masks and positions feed the graphs; each row's decode positions
+   continue by the spec's rule (:meth:`~adsc_ext.models.ModelSpec.next_positions`);
 3. ``prefill.onnx`` -> the first token of every row and every layer's K/V at its stage's length;
 4. greedy (or sampled) decode with ``decode.onnx``: the K/V of each stage grow by one token per
    step; finished rows leave the batch.
 
-Token picking is :func:`adsc_ext.sampling.pick_tokens`, the rule every generator here uses.
+The runner is a backend of the one generation loop (:class:`~adsc_ext.generation.Generator`):
+the requests, sampling, stopping rules, request checks and results are the engine's.
 """
 
 from __future__ import annotations
@@ -22,40 +29,28 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..models.llava import AdscInputError, check_request
-from .manifest import GRAPH_FILES, ExportError, load_manifest
+from ..generation import Generator, Seq, rows_of
+from ..layout import StagedLayout, StageMap
+from .manifest import ARCHITECTURES, GRAPH_FILES, ExportError, check_graph, load_manifest, spec_of
 
 __all__ = ["OnnxRunner"]
 
 _NP = {"float32": np.float32, "float16": np.float16}
 
 
-class _Spec:
-    """The fields of a :class:`~adsc_ext.models.LlavaSpec` that ``check_request`` reads, from the manifest."""
-
-    def __init__(self, man):
-        self.grid = tuple(man["grid"])
-        self.image_token_id = int(man["image_token_id"])
-        self.tokens_per_image = int(man["tokens_per_image"])
-        self.vocab_size = int(man["model"]["vocab_size"])
-        self.max_positions = int(man["model"]["max_positions"])
-        self.image_size = int(man["image_size"])
-
-
-def _left_padded(live) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The live requests' prompts as a left-padded batch: ``(input_ids, attention_mask)``, each
+def _left_padded(seqs: Sequence[Seq]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The requests' prompts as a left-padded batch: ``(input_ids, attention_mask)``, each
     int64 ``[B, S]`` on the host (padding: token 0, masked out)."""
-    B, S = len(live), max(s["ids"].numel() for s in live)
+    B, S = len(seqs), max(s.n for s in seqs)
     ids = torch.zeros(B, S, dtype=torch.long)
     mask = torch.zeros(B, S, dtype=torch.long)
-    for b, s in enumerate(live):
-        n = s["ids"].numel()
-        ids[b, S - n:] = s["ids"]
-        mask[b, S - n:] = 1
+    for b, s in enumerate(seqs):
+        ids[b, S - s.n:] = s.ids
+        mask[b, S - s.n:] = 1
     return ids, mask
 
 
-class OnnxRunner:
+class OnnxRunner(Generator):
     """Greedy / sampled generation with an exported folder on ONNX Runtime.
 
     Args:
@@ -64,15 +59,17 @@ class OnnxRunner:
         schedule: the schedule the caller expects; a folder exported with another one is refused.
         session_options: an ``onnxruntime.SessionOptions`` for every session.
 
-    Raises :class:`~adsc_ext.export.ExportError` when the folder is not a complete export, was made
-    with another schedule, or holds a graph from another export.
+    Raises :class:`~adsc_ext.export.ExportError`, naming the file and the field, when the folder is
+    not a complete export, was made with another schedule, holds a graph from another export or a
+    damaged one, or has a manifest that disagrees with its graphs
+    (:func:`~adsc_ext.export.manifest.check_graph`).
     """
 
     def __init__(self, folder, providers: Optional[Sequence] = None, *, schedule=None, session_options=None):
         try:
             import onnxruntime as ort
         except ImportError as exc:
-            raise ImportError(f"OnnxRunner needs onnxruntime (pip install 'adsc_ext[export]'): {exc}") from None
+            raise ImportError(f"OnnxRunner needs onnxruntime (pip install onnxruntime; it comes with adsc_ext's [export] extra): {exc}") from None
         man = self._read_manifest(folder, schedule)
         if man["dtype"] not in _NP:
             raise ExportError(f"{self.folder}: a {man['dtype']} export cannot run on ONNX Runtime here "
@@ -80,153 +77,160 @@ class OnnxRunner:
         self.np_dtype = _NP[man["dtype"]]
         self.providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
         self.sessions: Dict[str, Any] = {}
+        for name in GRAPH_FILES:  # every graph checked before any session is made
+            check_graph(self.folder, name, man)
         for name, file in GRAPH_FILES.items():
             path = self.folder / file
             model_arg: Any = str(path)
-            import onnx
-
-            meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-            if meta.get("adsc_schedule") != man["schedule"] or meta.get("adsc_graph") != name:
-                raise ExportError(
-                    f"{path} is not this export's {name} graph: it carries schedule "
-                    f"'{meta.get('adsc_schedule')}' (graph {meta.get('adsc_graph')!r}), the manifest says "
-                    f"'{man['schedule']}'"
-                )
+            options = session_options
             if name == "prefill" and man["compaction"] == "plugin":
+                # the graph goes to ONNX Runtime as bytes; weights over 2 GB stay in their .data files,
+                # which ONNX Runtime then finds in the export folder (a session config entry)
                 model_arg = _with_plugin_reference(path)
+                options = session_options if session_options is not None else ort.SessionOptions()
+                options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                                 str(self.folder.resolve()))
             try:
-                self.sessions[name] = ort.InferenceSession(model_arg, sess_options=session_options,
+                self.sessions[name] = ort.InferenceSession(model_arg, sess_options=options,
                                                            providers=self.providers)
             except Exception as exc:  # onnxruntime's pybind errors (Fail, NotImplemented...) share no base
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise ExportError(f"ONNX Runtime ({', '.join(map(str, self.providers))}) cannot load "
                                   f"{path}: {first}") from exc
         self.stats: Dict[str, Any] = {}
+        self._state: Optional[Dict[str, Any]] = None  # the running batch's graph state
+
+    #: the architectures this runner runs (the TensorRT runner: LLaVA-1.5 only)
+    architectures: Tuple[str, ...] = ARCHITECTURES
 
     def _read_manifest(self, folder, schedule) -> Dict[str, Any]:
         """Load the folder's manifest (checked against ``schedule`` if given) and set the model's
-        facts from it; shared with the TensorRT runner."""
+        facts from it (its spec, without the model); shared with the TensorRT runner."""
         from ..schedule import Schedule
 
         self.folder = Path(folder)
         want = None if schedule is None else str(Schedule.coerce(schedule))
         self.manifest = man = load_manifest(self.folder, want)
+        if man["architecture"] not in self.architectures:
+            raise ExportError(f"{self.folder} holds a {man['architecture']} export; {type(self).__name__} runs "
+                              f"{', '.join(self.architectures)}")
         self.schedule = Schedule.parse(man["schedule"])
-        self.spec = _Spec(man)
-        self.grid = self.spec.grid
-        self.image_token_id = self.spec.image_token_id
-        self.num_layers = int(man["model"]["num_layers"])
-        self.vocab_size, self.max_positions = self.spec.vocab_size, self.spec.max_positions
-        self.image_size = self.spec.image_size
-        self.num_stages = len(man["stages"])
-        self.stage_of_layer = list(man["stage_of_layer"])
+        self.spec = spec_of(man)
+        self.stage_map = StageMap(self.schedule, self.spec.num_layers)
         return man
 
-    # ---- requests (the engine's rules and messages) ------------------------------------------------
-    def _check(self, i: int, req, max_new_tokens: int) -> Dict[str, Any]:
-        ids, pix, _, max_new = check_request(self.spec, i, req, max_new_tokens)
-        return {"rid": i, "ids": ids, "pix": pix, "max_new": max_new, "tokens": [], "logits": []}
+    # ---- the model's facts, for callers --------------------------------------------------------------
+    @property
+    def grid(self):
+        """The one image grid of a LLaVA-1.5 export, else None (each image has its own)."""
+        return self.spec.schedule_grid()
 
-    # ---- generation ---------------------------------------------------------------------------------
-    def generate(self, requests: Sequence[dict], max_new_tokens: int = 32, *, temperature: float = 0.0,
-                 top_p: float = 1.0, eos_token_id: Optional[int] = None, suppress_image_token: bool = True,
-                 generator: Optional[torch.Generator] = None, return_exceptions: bool = False,
-                 return_logits: bool = False, progress=None) -> List[Any]:
-        """Generate for every request; the arguments and results of :meth:`Engine.generate`.
+    @property
+    def image_token_id(self) -> int:
+        return self.spec.image_token_id
 
-        Each request: ``{"input_ids": LongTensor [n], "pixel_values": [k, 3, H, W] or None,
-        "max_new_tokens": optional int}``. Greedy unless ``temperature > 0``. A request stops after
-        its ``max_new_tokens`` or at ``eos_token_id`` (included). Bad requests raise
-        :class:`~adsc_ext.models.AdscInputError` before any work or, with ``return_exceptions``,
-        get it as their result. ``return_logits=True``: each result is ``(tokens, logits)``, logits
-        float32 ``[len(tokens), vocab]``.
-        """
-        results: List[Any] = [None] * len(requests)
-        live = []
-        for i, req in enumerate(requests):
-            try:
-                live.append(self._check(i, req, max_new_tokens))
-                if not return_logits:
-                    live[-1]["logits"] = None  # keep no per-step scores nobody asked for
-            except AdscInputError as exc:
-                if not return_exceptions:
-                    raise
-                results[i] = exc
+    @property
+    def num_layers(self) -> int:
+        return self.spec.num_layers
+
+    @property
+    def num_stages(self) -> int:
+        return self.stage_map.num_stages
+
+    @property
+    def stage_of_layer(self):
+        return self.stage_map.stage_of_layer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.spec.vocab_size
+
+    @property
+    def max_positions(self) -> int:
+        return self.spec.max_positions
+
+    @property
+    def image_size(self) -> Optional[int]:
+        return getattr(self.spec, "image_size", None)
+
+    # ---- the generation loop's backend ----------------------------------------------------------------
+    def _start(self, seqs: List[Seq]) -> None:
         # stage_lengths: the prefill batch's padded length per stage; prefill_kv_lengths / kv_lengths:
         # every layer's cached length after prefill / after the last decode step
-        self.stats = {"prefill_batch": len(live), "decode_steps": 0, "stage_lengths": None,
-                      "prefill_kv_lengths": None, "kv_lengths": None}
-        if not live:
-            return results
-        sample = dict(temperature=temperature, top_p=top_p, generator=generator,
-                      suppress_token_id=self.image_token_id if suppress_image_token else None)
-        state = self._prefill(live, sample)
-        while True:
-            keep = [j for j, s in enumerate(live) if not self._done(s, eos_token_id)]
-            for j, s in enumerate(live):
-                if j not in keep:
-                    results[s["rid"]] = self._result(s, return_logits)
-            if progress is not None:
-                progress(sum(r is not None for r in results), len(requests))
-            if not keep:
-                break
-            if len(keep) < len(live):
-                live = [live[j] for j in keep]
-                state = {k: (v[keep] if isinstance(v, np.ndarray) else [a[keep] for a in v]) for k, v in state.items()}
-            state = self._decode(live, state, sample)
-            self.stats["decode_steps"] += 1
-        return results
+        self.stats.update(prefill_batch=len(seqs), stage_lengths=None, prefill_kv_lengths=None, kv_lengths=None)
+        self._state = None
 
-    @staticmethod
-    def _done(s, eos) -> bool:
-        return len(s["tokens"]) >= s["max_new"] or (eos is not None and bool(s["tokens"]) and s["tokens"][-1] == eos)
+    def _finish(self, stats: Dict[str, Any]) -> None:
+        self._state = None  # the call's K/V do not outlive it
 
-    @staticmethod
-    def _result(s, return_logits: bool):
-        toks = list(s["tokens"])
-        return (toks, torch.from_numpy(np.stack(s["logits"]).astype(np.float32))) if return_logits else toks
+    def _batch(self, seqs: List[Seq]) -> Tuple[torch.Tensor, torch.Tensor, StagedLayout]:
+        """The host side of a prefill: the left-padded batch and its layout (planned once, with the
+        spec's positions)."""
+        ids, mask = _left_padded(seqs)
+        plan, pos = self.spec.prepare(self.schedule, ids, attention_mask=mask, padding_side="left",
+                                      **self.spec.collate([s.request for s in seqs]))
+        layout = StagedLayout.padded(self.stage_map, plan, position_ids=pos)
+        self.stats["stage_lengths"] = [st.shape[1] for st in layout.stages]
+        return ids, mask, layout
 
-    def _pick(self, live, logits: np.ndarray, sample) -> np.ndarray:
-        from ..sampling import pick_tokens
+    def _vision(self, seqs: List[Seq]):
+        """``(placeholder id, features)`` of the batch's images (and videos), in prompt order."""
+        pix = [s.pixel_values for s in seqs if s.pixel_values is not None]
+        if self.spec.schedule_grid() is not None:  # LLaVA-1.5: whole images of one size
+            if pix:
+                pv = torch.cat(pix).to(torch.float32).numpy().astype(self.np_dtype)
+                feats = self.sessions["vision"].run(None, {"pixel_values": pv})[0]
+                yield self.image_token_id, feats.reshape(-1, feats.shape[-1])
+            return
+        inputs = self.spec.collate([s.request for s in seqs])
+        kinds = (("pixel_values", "image_grid_thw", self.spec.image_token_id),
+                 ("pixel_values_videos", "video_grid_thw", self.spec.video_token_id))
+        for name, grid, tok in kinds:
+            pv = torch.cat(pix) if name == "pixel_values" and pix else inputs.get(name)
+            if pv is None:
+                continue
+            feeds, restore = self.spec.vision_feeds(pv.to(torch.float32), inputs[grid])
+            feeds = {k: (v.numpy().astype(self.np_dtype) if v.is_floating_point() else v.numpy())
+                     for k, v in feeds.items()}
+            yield tok, self.sessions["vision"].run(None, feeds)[0][restore.numpy()]
 
-        picked = pick_tokens(torch.from_numpy(logits), **sample).numpy()
-        for s, row, t in zip(live, logits, picked):
-            if s["logits"] is not None:
-                s["logits"].append(row.copy())
-            s["tokens"].append(int(t))
-        return picked
+    def _rows(self, seqs: List[Seq], take) -> Dict[str, Any]:
+        """The running batch's state, its rows cut to ``seqs`` (finished requests leave)."""
+        state = self._state
+        keep = rows_of(state["rids"], seqs)
+        if keep is not None:
+            state = {k: (v if k == "rids" else take(v, keep)) for k, v in state.items()}
+            state["rids"] = [s.rid for s in seqs]
+            self._state = state
+        return state
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         return self.sessions["embed"].run(None, {"input_ids": ids})[0]
 
-    def _prefill(self, live, sample) -> Dict[str, Any]:
-        from ..ops import stage_plan
-
-        ids, mask = _left_padded(live)
+    def _prefill(self, seqs: List[Seq]) -> torch.Tensor:
+        ids, mask, layout = self._batch(seqs)
         h = self._embed(ids.numpy())
-        pix = [s["pix"] for s in live if s["pix"] is not None]
-        if pix:
-            pv = torch.cat(pix).to(torch.float32).numpy().astype(self.np_dtype)
-            feats = self.sessions["vision"].run(None, {"pixel_values": pv})[0]
-            rows = (ids == self.image_token_id).numpy() & (mask.numpy() != 0)
-            h[rows] = feats.reshape(-1, feats.shape[-1]).astype(h.dtype)
-        plan = stage_plan(self.schedule, input_ids=ids, attention_mask=mask, image_token_id=self.image_token_id,
-                          grid=self.grid, padding_side="left")
-        feed = {"inputs_embeds": h, "attention_mask": mask.numpy(),
-                "position_ids": plan.stages[0].position_ids.numpy()}
-        for st in plan.stages[1:]:
+        for tok, feats in self._vision(seqs):
+            rows = (ids == tok).numpy() & (mask.numpy() != 0)
+            if int(rows.sum()) != feats.shape[0]:
+                raise ExportError(f"the batch has {int(rows.sum())} placeholder tokens {tok} but the vision graph gave "
+                                  f"{feats.shape[0]} feature rows")
+            h[rows] = feats.astype(h.dtype)
+        st0 = layout.stages[0]
+        feed = {"inputs_embeds": h, "attention_mask": mask.numpy(), "position_ids": st0.position_ids.numpy()}
+        for st in layout.stages[1:]:
             feed[f"adsc_index.{st.stage}"] = st.index.to(torch.int32).numpy()
         out = self.sessions["prefill"].run(None, feed)
-        masks = [mask.numpy()] + [(st.source_index >= 0).to(torch.long).numpy() for st in plan.stages[1:]]
-        self.stats["stage_lengths"] = [int(st.index.shape[1]) for st in plan.stages]
         self.stats["prefill_kv_lengths"] = self.stats["kv_lengths"] = [int(k.shape[2]) for k in out[1::2]]
-        self._pick(live, out[0], sample)
-        return {"masks": masks, "kv": out[1:],
-                "pos": np.array([[s["ids"].numel()] for s in live], dtype=np.int64)}
+        nxt = self.spec.next_positions(st0.position_ids, st0.mask)  # [*lead, B]: each row's next position
+        self._state = {"rids": [s.rid for s in seqs], "masks": [st.mask.long().numpy() for st in layout.stages],
+                       "kv": out[1:], "pos": np.moveaxis(nxt.numpy(), -1, 0)}  # batch first, for the row cuts
+        return torch.from_numpy(out[0])
 
-    def _decode(self, live, state, sample) -> Dict[str, Any]:
-        toks = np.array([[s["tokens"][-1]] for s in live], dtype=np.int64)
-        feed = {"inputs_embeds": self._embed(toks), "position_ids": state["pos"]}
+    def _decode(self, seqs: List[Seq]) -> torch.Tensor:
+        state = self._rows(seqs, lambda v, keep: v[keep] if isinstance(v, np.ndarray) else [a[keep] for a in v])
+        toks = np.array([[s.generated[-1]] for s in seqs], dtype=np.int64)
+        feed = {"inputs_embeds": self._embed(toks), "position_ids": np.moveaxis(state["pos"], 0, -1)[..., None]}
         for k, m in enumerate(state["masks"]):
             feed[f"past_mask.{k}"] = m
         for l in range(self.num_layers):
@@ -234,10 +238,10 @@ class OnnxRunner:
             feed[f"past_key_values.{l}.value"] = state["kv"][2 * l + 1]
         out = self.sessions["decode"].run(None, feed)
         self.stats["kv_lengths"] = [int(k.shape[2]) for k in out[1::2]]
-        self._pick(live, out[0], sample)
-        ones = np.ones((len(live), 1), dtype=np.int64)
-        return {"masks": [np.concatenate([m, ones], axis=1) for m in state["masks"]], "kv": out[1:],
-                "pos": state["pos"] + 1}
+        ones = np.ones((len(seqs), 1), dtype=np.int64)
+        self._state = {"rids": state["rids"], "masks": [np.concatenate([m, ones], axis=1) for m in state["masks"]],
+                       "kv": out[1:], "pos": state["pos"] + 1}
+        return torch.from_numpy(out[0])
 
 
 def _with_plugin_reference(path: Path) -> bytes:
@@ -247,6 +251,8 @@ def _with_plugin_reference(path: Path) -> bytes:
 
     from .onnx_export import plugin_reference_function
 
-    model = onnx.load(str(path))  # with its weights: the bytes carry everything
+    # without external weights (a 7B graph's exceed protobuf's 2 GB): they stay in the folder's
+    # .data files, which the session reads (OnnxRunner sets the folder); small graphs carry theirs
+    model = onnx.load(str(path), load_external_data=False)
     model.functions.append(plugin_reference_function())
     return model.SerializeToString()

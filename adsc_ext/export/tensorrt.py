@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from ..errors import TensorRTBuildError, TensorRTUnavailable
 from ..schedule import Schedule
 from . import _plugin
 
@@ -75,14 +76,6 @@ INSTALL_HINT = (
 )
 
 Range = Tuple[int, int, int]  # (min, opt, max)
-
-
-class TensorRTUnavailable(ImportError):
-    """``tensorrt`` cannot be imported; the message says what to install."""
-
-
-class TensorRTBuildError(ValueError):
-    """A folder, manifest, limit or TensorRT build that cannot give an engine; one readable line."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +129,10 @@ def read_manifest(folder) -> Dict[str, Any]:
         raise TensorRTBuildError(f"{path} is not readable JSON: {exc}") from None
     if not isinstance(manifest, dict) or "graphs" not in manifest:
         raise TensorRTBuildError(f"{path} has no 'graphs' entry")
+    arch = manifest.get("architecture", "llava-1.5")  # exports before manifest format 3 are LLaVA-1.5's
+    if arch != "llava-1.5":
+        raise TensorRTBuildError(f"{folder} holds a {arch} export; adsc trt-build builds llava-1.5 exports "
+                                 f"(the TensorRT runner feeds LLaVA-1.5's graphs only)")
     graph_specs(manifest)  # validates the graph entries
     return manifest
 

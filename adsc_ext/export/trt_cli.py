@@ -12,7 +12,6 @@ from .tensorrt import (
     TensorRTBuildError,
     TensorRTUnavailable,
     build_engines,
-    import_tensorrt,
 )
 
 _USAGE_ERROR = 2
@@ -44,22 +43,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check the arguments, then :func:`build_engines` (which checks the folder and the limits
+    against its manifest before it imports TensorRT): a bad argument or folder is reported as
+    itself on a machine without TensorRT too."""
     try:
-        import_tensorrt()
-    except TensorRTUnavailable as exc:
-        print(f"adsc: error: adsc trt-build: {exc}", file=sys.stderr)
-        return _USAGE_ERROR
-    limits = BuildLimits(
-        max_batch=args.max_batch,
-        max_prompt=args.max_prompt,
-        max_new_tokens=args.max_new_tokens,
-        max_images=args.max_images,
-        opt_batch=args.opt_batch,
-        opt_text_tokens=args.opt_text_tokens,
-    )
-    graphs = [g for g in args.graphs.split(",") if g] if args.graphs else None
-    workspace = int(args.workspace_gib * 2**30) if args.workspace_gib else None
-    try:
+        limits = BuildLimits(
+            max_batch=args.max_batch,
+            max_prompt=args.max_prompt,
+            max_new_tokens=args.max_new_tokens,
+            max_images=args.max_images,
+            opt_batch=args.opt_batch,
+            opt_text_tokens=args.opt_text_tokens,
+        )
+        limits.check()
+        graphs = None
+        if args.graphs is not None:
+            graphs = [g.strip() for g in args.graphs.split(",") if g.strip()]
+            if not graphs:
+                raise TensorRTBuildError(f"--graphs {args.graphs!r}: expected comma-separated graph names "
+                                         "(vision, embed, prefill, decode)")
+        workspace = None
+        if args.workspace_gib is not None:
+            if not args.workspace_gib > 0:  # NaN too
+                raise TensorRTBuildError(f"--workspace-gib must be > 0, got {args.workspace_gib}")
+            workspace = int(args.workspace_gib * 2**30)
         report = build_engines(args.folder, limits, graphs=graphs, plugin_library=args.plugin,
                                workspace_bytes=workspace, allow_tf32=args.tf32,
                                force=args.force)

@@ -1,8 +1,8 @@
 """Run the TensorRT engines of an exported ADSC folder: :class:`TensorRTRunner`.
 
 ``TensorRTRunner(folder).generate(requests, max_new_tokens)`` is :class:`OnnxRunner`'s
-``generate`` (the requests and results of :meth:`adsc_ext.runtime.Engine.generate`, the same
-request checks, plan and token picking), on the engines :func:`~adsc_ext.export.build_engines`
+``generate`` (the one generation loop's: the requests and results of
+:meth:`adsc_ext.runtime.Engine.generate`, the same request checks, layout and token picking), on the engines :func:`~adsc_ext.export.build_engines`
 wrote beside the ONNX files. Everything lives on the GPU: the embeddings, image features and plan
 tensors are uploaded once per prefill, every layer's K/V stays in device buffers sized by its own
 stage's length from step to step (the decode engine's ``present.*`` outputs are the next step's
@@ -23,8 +23,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 
+from ..errors import AdscInputError
+from ..generation import Seq
 from .manifest import GRAPH_FILES, ExportError
-from .runner import OnnxRunner, _left_padded
+from .runner import OnnxRunner
 from .tensorrt import (
     REPORT_NAME,
     TensorRTBuildError,
@@ -89,7 +91,7 @@ class EngineGraph:
             t = feeds[name].to(device=self.device, dtype=self.dtypes[name]).contiguous()
             keep.append(t)
             if not self.context.set_input_shape(name, tuple(t.shape)):
-                raise ValueError(f"{self.path.name}: input {name!r} of shape {tuple(t.shape)} is "
+                raise AdscInputError(f"{self.path.name}: input {name!r} of shape {tuple(t.shape)} is "
                                  "outside the engine's optimisation profile (rebuild with larger limits)")
             self.context.set_tensor_address(name, t.data_ptr())
         outs = []
@@ -121,6 +123,8 @@ class TensorRTRunner(OnnxRunner):
             docstring); with it, neither TensorRT nor a GPU is needed.
     """
 
+    architectures = ("llava-1.5",)  # its host logic feeds LLaVA-1.5's graphs only
+
     def __init__(self, folder, *, schedule=None, device=None,
                  plugin_library=None, graph_runners: Optional[Mapping[str, GraphRunner]] = None):
         man = self._read_manifest(folder, schedule)
@@ -128,10 +132,11 @@ class TensorRTRunner(OnnxRunner):
             raise ExportError(f"{self.folder}: unknown export dtype {man['dtype']!r}")
         self.dtype = _TORCH_DTYPES[man["dtype"]]
         self.stats: Dict[str, Any] = {}
+        self._state: Optional[Dict[str, Any]] = None
         if graph_runners is not None:
             missing = [n for n in GRAPH_FILES if n not in graph_runners]
             if missing:
-                raise ValueError(f"graph_runners lacks {', '.join(missing)}")
+                raise AdscInputError(f"graph_runners lacks {', '.join(missing)}")
             self.device = torch.device(device or "cpu")
             self.graphs: Dict[str, GraphRunner] = dict(graph_runners)
             self.report = None
@@ -172,63 +177,46 @@ class TensorRTRunner(OnnxRunner):
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self._run("embed", {"input_ids": ids.to(self.device)})[0]
 
-    def _pick(self, live, logits: torch.Tensor, sample) -> torch.Tensor:
-        from ..sampling import pick_tokens
-
-        picked = pick_tokens(logits, **sample)
-        for s, row, t in zip(live, logits, picked.tolist()):  # the one read-back per step
-            if s["logits"] is not None:
-                s["logits"].append(row)
-            s["tokens"].append(int(t))
-        return picked
-
-    @staticmethod
-    def _result(s, return_logits: bool):
-        toks = list(s["tokens"])
-        if not return_logits:
-            return toks
-        return toks, torch.stack(s["logits"]).float().cpu()
-
-    def _prefill(self, live, sample) -> Dict[str, Any]:
-        from ..ops import stage_plan
-
+    def _prefill(self, seqs: List[Seq]) -> torch.Tensor:
         dev = self.device
-        ids, mask = _left_padded(live)
-        # The plan on the host, once per batch; its tensors go to the device in one pass.
-        plan = stage_plan(self.schedule, input_ids=ids, attention_mask=mask, image_token_id=self.image_token_id,
-                          grid=self.grid, padding_side="left")
+        ids, mask, layout = self._batch(seqs)  # planned on the host, once per batch
         ids_d, mask_d = ids.to(dev), mask.to(dev)
         h = self._embed(ids_d)
-        pix = [s["pix"] for s in live if s["pix"] is not None]
+        pix = [s.pixel_values for s in seqs if s.pixel_values is not None]
         if pix:
             pv = torch.cat(pix).to(device=dev, dtype=self.dtype)
             feats = self._run("vision", {"pixel_values": pv})[0]
             rows = (ids_d == self.image_token_id) & (mask_d != 0)
             h[rows] = feats.reshape(-1, feats.shape[-1]).to(h.dtype)
         feed = {"inputs_embeds": h, "attention_mask": mask_d,
-                "position_ids": plan.stages[0].position_ids.to(dev)}
-        for st in plan.stages[1:]:
+                "position_ids": layout.stages[0].position_ids.to(dev)}
+        for st in layout.stages[1:]:
             feed[f"adsc_index.{st.stage}"] = st.index.to(device=dev, dtype=torch.int32)
         out = self._run("prefill", feed)
-        masks = [mask_d] + [(st.source_index >= 0).to(device=dev, dtype=torch.long) for st in plan.stages[1:]]
-        self.stats["stage_lengths"] = [int(st.index.shape[1]) for st in plan.stages]
-        picked = self._pick(live, out[0], sample)
-        # State entries are lists of tensors, which OnnxRunner.generate prunes row-wise.
-        pos = torch.tensor([[s["ids"].numel()] for s in live], dtype=torch.long, device=dev)
-        return {"masks": masks, "kv": list(out[1:]), "pos": [pos], "toks": [picked[:, None]]}
+        masks = [mask_d] + [st.mask.to(device=dev, dtype=torch.long) for st in layout.stages[1:]]
+        pos = torch.tensor([[s.n] for s in seqs], dtype=torch.long, device=dev)
+        self._state = {"rids": [s.rid for s in seqs], "masks": masks, "kv": list(out[1:]), "pos": pos, "toks": None}
+        return out[0]
 
-    def _decode(self, live, state, sample) -> Dict[str, Any]:
+    def _accept(self, seqs: List[Seq], tokens: torch.Tensor) -> None:
+        self._state["toks"] = tokens[:, None]  # the next step's input, still on the device
+
+    def _decode(self, seqs: List[Seq]) -> torch.Tensor:
         dev = self.device
-        (toks,) = state["toks"]  # the last picked tokens, still on the device
-        (pos,) = state["pos"]
-        feed = {"inputs_embeds": self._embed(toks), "position_ids": pos}
+
+        def take(v, keep):
+            idx = torch.as_tensor(keep, device=dev)
+            return [t.index_select(0, idx) for t in v] if isinstance(v, list) else v.index_select(0, idx)
+
+        state = self._rows(seqs, take)
+        feed = {"inputs_embeds": self._embed(state["toks"]), "position_ids": state["pos"]}
         for k, m in enumerate(state["masks"]):
             feed[f"past_mask.{k}"] = m
         for l in range(self.num_layers):
             feed[f"past_key_values.{l}.key"] = state["kv"][2 * l]
             feed[f"past_key_values.{l}.value"] = state["kv"][2 * l + 1]
         out = self._run("decode", feed)
-        picked = self._pick(live, out[0], sample)
-        ones = torch.ones(len(live), 1, dtype=torch.long, device=dev)
-        return {"masks": [torch.cat([m, ones], dim=1) for m in state["masks"]], "kv": list(out[1:]),
-                "pos": [pos + 1], "toks": [picked[:, None]]}
+        ones = torch.ones(len(seqs), 1, dtype=torch.long, device=dev)
+        self._state = {"rids": state["rids"], "masks": [torch.cat([m, ones], dim=1) for m in state["masks"]],
+                       "kv": list(out[1:]), "pos": state["pos"] + 1, "toks": None}
+        return out[0]

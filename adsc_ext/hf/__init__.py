@@ -2,7 +2,7 @@
 
 from ..models.llava import AdscInputError, AdscModelError
 from .cache import AdscCache, AdscCacheState
-from .llava import AdscLayout, AdscSetup, adsc_layout, adsc_setup, apply_adsc, is_adsc_model, remove_adsc
+from .hooks import AdscLayout, AdscSetup, adsc_layout, adsc_setup, apply_adsc, is_adsc_model, remove_adsc
 
 __all__ = [
     "AdscCache",

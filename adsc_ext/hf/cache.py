@@ -10,8 +10,11 @@ forward calls need to continue the sequence without the plan of the prefill:
 
 - ``valid[s]`` (bool ``[B, L_s]``): which slots of stage ``s``'s cache are real tokens (the
   compacted prompt mask, then ones for generated tokens) -- the key mask of every later step;
-- ``next_pos`` (int64 ``[B]``): the position id the next token of each row gets (``n + t`` for a
-  prompt of ``n`` real tokens after ``t`` generated ones, spec section 5).
+- ``next_pos`` (int64 ``[B]``, or ``[C, B]`` for positions of ``C`` components such as M-RoPE's
+  ``[4, B, S]``): the position id the next token of each row gets (``n + t`` for a prompt of
+  ``n`` real tokens after ``t`` generated ones, spec section 5; the model spec's
+  :meth:`~adsc_ext.models.ModelSpec.next_positions`, e.g. ``n + t + rope_delta`` in Qwen-VL's
+  rotary rows).
 
 Beam search, ``num_return_sequences`` expansion, contrastive/assisted decoding reorder, repeat,
 select or crop the batch; every such method is overridden so the state follows the K/V tensors.
@@ -39,7 +42,7 @@ class AdscCacheState:
     def __init__(self, stage_of_layer: Sequence[int], valid: List[torch.Tensor], next_pos: torch.Tensor):
         self.stage_of_layer = tuple(int(s) for s in stage_of_layer)
         self.valid = list(valid)  # per stage: bool [B, L_s]
-        self.next_pos = next_pos  # int64 [B]
+        self.next_pos = next_pos  # int64 [*components, B]
 
     @property
     def num_stages(self) -> int:
@@ -47,27 +50,33 @@ class AdscCacheState:
 
     @property
     def batch_size(self) -> int:
-        return int(self.next_pos.shape[0])
+        return int(self.next_pos.shape[-1])
 
     def stage_lengths(self) -> List[int]:
         """Cached slots per stage (padding slots of a padded batch included)."""
         return [int(v.shape[1]) for v in self.valid]
 
-    def advance(self, valid: Sequence[torch.Tensor], seg_real: torch.Tensor) -> None:
+    def advance(self, valid: Sequence[torch.Tensor], seg_real: Optional[torch.Tensor] = None, *,
+                next_pos: Optional[torch.Tensor] = None) -> None:
         """Record a forward segment: ``valid[s]`` is stage ``s``'s key mask with the segment's
-        slots appended (the mask the segment attended with), ``seg_real`` its real tokens per row."""
+        slots appended (the mask the segment attended with); then either ``next_pos``, every row's
+        next position (the model spec's rule), or ``seg_real``, the segment's real tokens per row
+        (every component of the next positions advances by them)."""
         self.valid = list(valid)
-        self.next_pos = self.next_pos + seg_real.to(self.next_pos)
+        if next_pos is not None:
+            self.next_pos = next_pos.to(self.next_pos)
+        else:
+            self.next_pos = self.next_pos + seg_real.to(self.next_pos)
 
     # --- batch surgery, mirrored from the K/V tensors --------------------------------------
     def index_select(self, idx: torch.Tensor) -> None:
         idx = idx.to(self.next_pos.device)
         self.valid = [v.index_select(0, idx.to(v.device)) for v in self.valid]
-        self.next_pos = self.next_pos.index_select(0, idx)
+        self.next_pos = self.next_pos.index_select(-1, idx)
 
     def repeat_interleave(self, repeats: int) -> None:
         self.valid = [v.repeat_interleave(repeats, dim=0) for v in self.valid]
-        self.next_pos = self.next_pos.repeat_interleave(repeats, dim=0)
+        self.next_pos = self.next_pos.repeat_interleave(repeats, dim=-1)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` slots (generated tokens: the same in every stage)."""

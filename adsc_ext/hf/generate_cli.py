@@ -1,9 +1,17 @@
-"""``adsc generate``: answer a prompt about an image with an ADSC LLaVA model.
+"""``adsc generate``: answer a prompt about an image with an ADSC model.
 
-``--model PATH`` loads a local LLaVA-1.5 checkpoint and its processor; ``--random`` (the default)
-builds a small random-weight LLaVA with LLaVA-1.5's 24x24 image grid, so it runs on any machine
-(its answer is noise; the timings and cache sizes are the point). Prints the answer, the prefill
-and decode times, and the per-layer KV-cache sizes against the unmodified model.
+``--model PATH`` loads a local checkpoint of a supported architecture
+(:data:`adsc_ext.models.checkpoint.SUPPORTED`: LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, Qwen3-VL) and its
+processor; ``--random`` (the default) builds a small random-weight LLaVA with LLaVA-1.5's 24x24
+image grid, so it runs on any machine (its answer is noise; the timings and cache sizes are the
+point). Prints the answer, the prefill and decode times, and the per-layer KV-cache sizes against
+the unmodified model.
+
+The prompt: the processor's chat template when it has one (the image entries first), else
+LLaVA's ``USER: <image>\n... ASSISTANT:`` or Qwen's ``<|vision_start|><|image_pad|><|vision_end|>``
+before the question. A Qwen-VL processor needs torchvision in transformers (its video processor);
+without it the checkpoint's tokenizer and image processor are used as its processor would use them
+(each ``<|image_pad|>`` expanded to the image's merged tokens), images only.
 """
 
 from __future__ import annotations
@@ -22,24 +30,27 @@ RANDOM_SCHEDULE = "2:2,4:2,6:2"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="PATH", help="local LLaVA-1.5 checkpoint directory (with its processor)")
+    src.add_argument("--model", metavar="PATH",
+                     help="local checkpoint directory (with its processor): LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, Qwen3-VL")
     src.add_argument("--random", action="store_true",
                      help="a built-in small random-weight LLaVA (24x24 image grid, 8 layers); the default")
     parser.add_argument("--image", action="append", default=[], metavar="FILE",
                         help="image file (repeat for several); --random without --image uses a synthetic image")
-    parser.add_argument("--prompt", default="What is in this image?", help="the question")
+    parser.add_argument("--prompt", default="What is in this image?", help="the question; default: %(default)r")
     parser.add_argument("--schedule", default=None,
                         help="ADSC schedule 'layer:factor,...' ('' = unmodified); default: the checkpoint's "
-                             f"config.adsc_schedule, else 8:2,16:2,24:2 ({RANDOM_SCHEDULE} with --random)")
+                             f"config.adsc_schedule, else the architecture's (LLaVA-1.5: 8:2,16:2,24:2; others: "
+                             f"factor 2 before layers L/4, L/2, 3L/4) ({RANDOM_SCHEDULE} with --random)")
     parser.add_argument("--max-new-tokens", type=int, default=32,
                         help="tokens to generate (greedy); default: %(default)s")
     parser.add_argument("--attn", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"],
-                        help="attention implementation")
+                        help="attention implementation; default: %(default)s")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="auto: bfloat16 on CUDA, float32 on CPU")
+                        help="auto: bfloat16 on CUDA, float32 on CPU; default: %(default)s")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights / synthetic image")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random weights / synthetic image; default: %(default)s")
 
 
 def _fail(msg: str) -> int:
@@ -73,8 +84,8 @@ def _check_paths(args) -> Optional[str]:
     """A one-line problem with --model / --image paths, before anything is loaded."""
     if args.model is not None:
         if not os.path.exists(args.model):
-            return (f"--model {args.model}: no such directory (a local LLaVA-1.5 checkpoint "
-                    "directory with config.json is expected)")
+            return (f"--model {args.model}: no such directory (a local checkpoint directory with "
+                    "config.json is expected)")
         if not os.path.isdir(args.model):
             return f"--model {args.model}: not a directory (a checkpoint directory with config.json is expected)"
         if not os.path.isfile(os.path.join(args.model, "config.json")):
@@ -87,6 +98,101 @@ def _check_paths(args) -> Optional[str]:
     return None
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _check_checkpoint(path: str, schedule: Optional[str], dtype, device):
+    """``(problem, info)``: a one-line reason why ``--model PATH`` cannot run here, read from its
+    config.json and weight headers before any weight is (:mod:`adsc_ext.models.checkpoint`): an
+    architecture adsc_ext does not support, a schedule that does not fit its layers or grid, or
+    weights that do not fit in the memory available (None if it can); and the checkpoint's
+    :class:`~adsc_ext.models.checkpoint.CheckpointInfo`."""
+    from ..models.checkpoint import CheckpointError, check_fits, check_schedule, inspect_checkpoint
+    from ..models.llava import AdscModelError
+    from ..schedule import ScheduleError
+
+    name = str(dtype).replace("torch.", "")
+    info = None
+    try:
+        info = inspect_checkpoint(path, name, dtype.itemsize, where=f"--model {path}", command="generate")
+        check_schedule(info, schedule)
+        what = f"--model {path}: its weights ({info.counted_from})"
+        hint = "--dtype bfloat16 halves them" if name == "float32" else ""
+        check_fits(info.weight_bytes, what, "cpu", hint)  # from_pretrained loads on the host first
+        if device.type == "cuda":
+            check_fits(info.weight_bytes, what, device, hint)
+    except (CheckpointError, AdscModelError, ScheduleError) as exc:
+        return str(exc), info
+    return None, info
+
+
+def _load_processor(path: str, qwen: bool):
+    """``(processor, chat template owner)`` of a checkpoint: its ``AutoProcessor``; for a Qwen-VL
+    checkpoint whose processor transformers cannot build without torchvision (its video processor),
+    :class:`_QwenImageProcessor` over the checkpoint's tokenizer and image processor."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    try:
+        proc = AutoProcessor.from_pretrained(path)
+        return proc, proc
+    except ImportError:
+        if not qwen:
+            raise
+    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(path)
+    except ImportError:  # transformers 5.17's AutoImageProcessor needs torchvision: Qwen's PIL processor
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+    return _QwenImageProcessor(tok, image_processor), tok
+
+
+class _QwenImageProcessor:
+    """What ``Qwen2_5_VLProcessor`` does for images, from the checkpoint's tokenizer and image
+    processor: each ``<|image_pad|>`` of the text becomes the next image's ``prod(grid_thw) / m^2``
+    tokens; ``mm_token_type_ids`` marks them (1)."""
+
+    def __init__(self, tokenizer, image_processor):
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+
+    def __call__(self, images=None, text="", return_tensors="pt"):
+        import torch
+
+        out = {}
+        pad = "<|image_pad|>"
+        if images:
+            vis = self.image_processor(images=images, return_tensors="pt")
+            out.update(pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"])
+            merge = self.image_processor.merge_size ** 2
+            parts = text.split(pad)
+            if len(parts) - 1 != len(images):
+                raise ValueError(f"the prompt holds {len(parts) - 1} {pad} for {len(images)} images")
+            text = parts[0] + "".join(pad * (int(g.prod()) // merge) + p for g, p in zip(vis["image_grid_thw"], parts[1:]))
+        enc = self.tokenizer([text], return_tensors="pt")
+        out.update(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        out["mm_token_type_ids"] = (enc["input_ids"] == self.tokenizer.convert_tokens_to_ids(pad)).to(torch.int32)
+        return out
+
+    def batch_decode(self, ids, **kw):
+        return self.tokenizer.batch_decode(ids, **kw)
+
+
+def _prompt_text(prompt: str, n_images: int, qwen: bool, template_owner) -> str:
+    """The model's prompt: the chat template when there is one, else the architecture's plain form."""
+    if getattr(template_owner, "chat_template", None):
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+        return template_owner.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                  tokenize=False)
+    if qwen:
+        return "<|vision_start|><|image_pad|><|vision_end|>" * n_images + prompt
+    if n_images and "<image>" not in prompt:
+        prompt = "<image>\n" * n_images + prompt
+    return f"USER: {prompt} ASSISTANT:"
+
+
 def _sync(device) -> None:
     import torch
 
@@ -95,7 +201,7 @@ def _sync(device) -> None:
 
 
 def _random_model(seed: int, attn: str, dtype, device):
-    from .tiny import tiny_llava
+    from ..testing import tiny_llava
 
     return tiny_llava(seed=seed, attn_implementation=attn, dtype=dtype, grid_side=24, patch_size=14,
                       num_layers=8, hidden_size=64, vision_hidden=32, vision_layers=2).to(device)
@@ -110,10 +216,12 @@ def run(args) -> int:
         import transformers  # noqa: F401
     except ImportError:
         return _fail("the 'transformers' package is not installed (pip install transformers)")
-    from ..models.llava import AdscInputError, AdscModelError, llava_spec
-    from ..schedule import LLAVA15_DEFAULT, Schedule, ScheduleError
+    from ..errors import AdscError
+    from ..models.base import model_spec
+    from ..schedule import Schedule, ScheduleError
     from ..sampling import pick_tokens
     from . import adsc_setup, apply_adsc
+    from ._compat import cache_kwarg, output_cache
 
     oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     device, problem = _resolve_device(torch, args.device)
@@ -139,6 +247,11 @@ def run(args) -> int:
     problem = _check_paths(args)
     if problem:
         return _fail(problem)
+    info = None
+    if args.model is not None:
+        problem, info = _check_checkpoint(args.model, args.schedule, dtype, device)
+        if problem:
+            return _fail(problem)
 
     try:
         images = []
@@ -147,26 +260,36 @@ def run(args) -> int:
                 from PIL import Image
             except ImportError:
                 return _fail(f"--image {args.image[0]}: reading image files needs Pillow "
-                             "(pip install 'adsc_ext[hf]', or pillow)")
+                             "(pip install pillow; it comes with adsc_ext's [hf] extra)")
             for path in args.image:
                 images.append(Image.open(path).convert("RGB"))
 
         if args.model:
-            from transformers import AutoProcessor, LlavaForConditionalGeneration
+            import transformers
+            from transformers.utils import logging as hf_logging
 
-            processor = AutoProcessor.from_pretrained(args.model)
-            model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn)
+            hf_logging.disable_progress_bar()  # errors stay one line on stderr
+            qwen = info.architecture.model_type.startswith("qwen")
+            try:  # a tokenizer's own exceptions (tokenizers' Exception, KeyError...) share no base class
+                processor, template = _load_processor(args.model, qwen)
+            except Exception as exc:
+                return _fail(f"--model {args.model}: cannot load its tokenizer / processor ({_first_line(exc)})")
+            cls = getattr(transformers, info.architecture.class_name)
+            model = cls.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn)
             model.to(device).eval()
-            prompt = args.prompt
-            if images and "<image>" not in prompt:
-                prompt = "<image>\n" * len(images) + prompt
-            text = f"USER: {prompt} ASSISTANT:"
-            inputs = processor(images=images or None, text=text, return_tensors="pt")
+            try:
+                text = _prompt_text(args.prompt, len(images), qwen, template)
+                inputs = processor(images=images or None, text=text, return_tensors="pt")
+            except Exception as exc:
+                return _fail(f"--model {args.model}: its tokenizer / processor failed on the prompt and images "
+                             f"({_first_line(exc)})")
             decode = lambda ids: processor.batch_decode([ids], skip_special_tokens=True)[0]  # noqa: E731
             eos = model.generation_config.eos_token_id
-            default_schedule = getattr(model.config, "adsc_schedule", None) or LLAVA15_DEFAULT
+            default_schedule = getattr(model.config, "adsc_schedule", None)
+            if default_schedule is None:
+                default_schedule = model_spec(model).default_schedule()
         else:
-            from .tiny import TinyProcessor
+            from ..testing import TinyProcessor
 
             model = _random_model(args.seed, args.attn, dtype, device)
             processor = TinyProcessor(model.config)
@@ -178,9 +301,9 @@ def run(args) -> int:
             eos = None
             default_schedule = RANDOM_SCHEDULE
         schedule = Schedule.coerce(args.schedule if args.schedule is not None else default_schedule)
-        spec = llava_spec(model)
+        spec = model_spec(model)
         try:  # checked here so the message names the model once
-            schedule.validate(spec.num_layers, spec.grid)
+            spec.resolve_schedule(schedule)
         except ScheduleError as exc:
             return _fail(str(exc))  # "schedule '9:2' does not fit a model with 8 decoder layers: ..."
         prompt_tokens = int(inputs["input_ids"].shape[-1])
@@ -194,10 +317,11 @@ def run(args) -> int:
     except oom as exc:
         return _fail(f"out of memory on {device} while loading the model ({str(exc).splitlines()[0]}); "
                      "try --dtype bfloat16 or a smaller model")
-    except (OSError, ScheduleError, AdscModelError, ValueError) as exc:
+    except (AdscError, OSError) as exc:
         return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
-    inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
+    inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in dict(inputs).items()
+              if isinstance(v, torch.Tensor)}
     eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
     try:
         with torch.no_grad():
@@ -207,13 +331,14 @@ def run(args) -> int:
             nxt = pick_tokens(out.logits[:, -1])[:, None]
             _sync(device)
             t_prefill = time.perf_counter() - t0
-            cache = out.past_key_values
+            cache = output_cache(out)
+            cache_arg = cache_kwarg(model)  # `cache` from transformers 5.24, `past_key_values` before
             mask = inputs["attention_mask"]
             generated: List[int] = [int(nxt)]
             t1 = time.perf_counter()
             while len(generated) < args.max_new_tokens and generated[-1] not in eos_ids:
                 mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-                out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+                out = model(input_ids=nxt, attention_mask=mask, use_cache=True, **{cache_arg: cache})
                 nxt = pick_tokens(out.logits[:, -1])[:, None]
                 generated.append(int(nxt))
             _sync(device)
@@ -221,7 +346,7 @@ def run(args) -> int:
     except oom as exc:
         return _fail(f"out of memory on {device} while generating ({str(exc).splitlines()[0]}); "
                      "try a shorter prompt or lower --max-new-tokens")
-    except (AdscInputError, ValueError) as exc:
+    except (AdscError, OSError) as exc:
         return _fail(str(exc).splitlines()[0])
 
     prompt_len = int(inputs["attention_mask"].sum())

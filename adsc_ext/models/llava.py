@@ -1,33 +1,33 @@
-"""The one description of a LLaVA-1.5 model that every consumer of adsc_ext reads.
+"""LLaVA-1.5 (``transformers.LlavaForConditionalGeneration``): its :class:`LlavaSpec`.
 
-The Hugging Face integration (:mod:`adsc_ext.hf`), the serving engine (:mod:`adsc_ext.runtime`),
-the FastV baseline (:mod:`adsc_ext.baselines`) and the ONNX export (:mod:`adsc_ext.export`) all
-need the same facts about a ``transformers.LlavaForConditionalGeneration``: its image grid and
-image token id, its decoder layers and their shapes, how images become embeddings, how rotary
-embeddings are applied and how one decoder layer is split around its attention call. They get
-them here, through the model's public modules (``model.model.language_model``, the layers'
-``self_attn.{q,k,v,o}_proj``, ``input_layernorm``, ``mlp`` ...), so a transformers release that
-moves something is met in one place.
+Every image is one fixed ``H x W`` grid (the vision tower's patches, CLS dropped: 24 x 24 for
+LLaVA-1.5), so the plan finds images as runs of the image token, each run a whole number of grids
+(spec section 3). Positions are each token's index in its sequence. The decoder is LLaMA-family.
+Everything is read through the model's public modules (``model.model.language_model``, the
+layers' ``self_attn.{q,k,v,o}_proj``, ``input_layernorm``, ``mlp``, ``get_image_features``...), so
+a transformers release that moves something is met here, in one place.
+
+The module-level functions are the spec's implementation, kept public for the tests and for code
+that holds a model rather than a spec:
 
 - :func:`llava_spec` checks that a model is LLaVA-1.5 shaped and returns its :class:`LlavaSpec`;
 - :func:`image_features` / :func:`embed_with_images`: projected image features, and the token
   embeddings with them scattered into the image-token rows (LLaVA's own rule);
-- :func:`attention_inputs` / :func:`attention_output`: one decoder layer split around attention,
-  so a runtime can put its own attention (paged, varlen, an ONNX ``Attention`` op) in between;
-  ``tests/test_models.py`` checks them against transformers' own layer;
-- :func:`image_runs` / :func:`count_images`: the runs of image tokens in a sequence (spec
-  section 3), with the error every consumer gives for a broken image.
+- :func:`image_runs` / :func:`count_images`: the runs of image tokens in a sequence, with the
+  error every consumer gives for a broken image.
 """
 
 from __future__ import annotations
 
-import numbers
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..schedule import LLAVA15_DEFAULT, Schedule, StageInfo
+from ..errors import AdscInputError, AdscModelError
+from ..schedule import LLAVA15_DEFAULT
+from .base import (ModelSpec, apply_rotary, attention_inputs, attention_output, llama_family_facts,
+                   register_model_spec, unwrap)
 
 __all__ = [
     "AdscModelError",
@@ -36,7 +36,6 @@ __all__ = [
     "llava_spec",
     "unwrap",
     "text_model",
-    "resolve_schedule",
     "image_features",
     "embed_with_images",
     "rotary",
@@ -45,24 +44,17 @@ __all__ = [
     "attention_output",
     "image_runs",
     "count_images",
-    "check_request",
 ]
 
 
-class AdscModelError(TypeError):
-    """The model is not a LLaVA-shaped model ADSC supports."""
-
-
-class AdscInputError(ValueError):
-    """Inputs an ADSC model cannot run: broken images, split images, mismatched features..."""
-
-
+@register_model_spec("LlavaForConditionalGeneration")
 @dataclass(frozen=True)
-class LlavaSpec:
-    """What adsc_ext needs to know about a LLaVA-1.5 model (all read from its config and modules).
+class LlavaSpec(ModelSpec):
+    """A LLaVA-1.5 model (all read from its config and modules; see :class:`~adsc_ext.models.ModelSpec`).
 
     grid: ``(H, W)`` vision tokens per image (LLaVA-1.5: 336 / 14 = 24 x 24).
     image_token_id: the placeholder token id of one vision token.
+    image_size: the vision tower's input side in pixels.
     """
 
     grid: Tuple[int, int]
@@ -73,18 +65,119 @@ class LlavaSpec:
     num_kv_heads: int
     head_dim: int
     vocab_size: int
-    image_size: int  # the vision tower's input side in pixels
+    image_size: int
     max_positions: int
     rms_norm_eps: float
     scaling: float  # the attention's softmax scale (head_dim ** -0.5 for LLaMA)
+    model: Any = field(default=None, compare=False, repr=False)
+    name = "llava-1.5"
+
+    @classmethod
+    def from_model(cls, model) -> "LlavaSpec":
+        return llava_spec(model)
+
+    @classmethod
+    def from_manifest(cls, manifest: Dict[str, Any]) -> "LlavaSpec":
+        """The spec of an exported model, from its ``adsc_manifest.json`` (no model: facts only)."""
+        m = manifest["model"]
+        return cls(grid=tuple(manifest["grid"]), image_token_id=int(manifest["image_token_id"]),
+                   num_layers=int(m["num_layers"]), hidden_size=int(m["hidden_size"]), num_heads=int(m["num_heads"]),
+                   num_kv_heads=int(m["num_kv_heads"]), head_dim=int(m["head_dim"]), vocab_size=int(m["vocab_size"]),
+                   image_size=int(manifest["image_size"]), max_positions=int(m["max_positions"]),
+                   rms_norm_eps=float(m["rms_norm_eps"]), scaling=float(m["scaling"]))
 
     @property
     def tokens_per_image(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        """Bytes of K plus V of one token in one layer."""
-        return 2 * self.num_kv_heads * self.head_dim * dtype.itemsize
+    # ---- the model ----------------------------------------------------------------------------
+    def text_model(self):
+        return text_model(self._bound())
+
+    def embed(self, input_ids, pixel_values=None, *, num_image_tokens=None, **inputs):
+        return embed_with_images(self._bound(), input_ids, pixel_values, self.image_token_id,
+                                 num_image_tokens=num_image_tokens)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return image_features(self._bound(), pixel_values)
+
+    # ---- schedules, images, requests ----------------------------------------------------------
+    def default_schedule(self) -> str:
+        return LLAVA15_DEFAULT  # spec section 2: LLaVA-1.5's own default, whatever the depth
+
+    def schedule_grid(self) -> Tuple[int, int]:
+        return self.grid
+
+    def plan_images(self, input_ids, **inputs) -> Dict[str, Any]:
+        return {"image_token_id": self.image_token_id, "grid": self.grid}
+
+    def prompt_grids(self, input_ids, what: str = "the sequence", **inputs) -> List[Tuple[int, int]]:
+        return [self.grid] * count_images(input_ids, self, what)
+
+    def image_grids(self, i: int, request) -> List[Tuple[int, int]]:
+        pix = request.pixel_values
+        n_img = 0
+        if pix is not None:
+            if not isinstance(pix, torch.Tensor) or pix.dim() != 4 or pix.shape[1] != 3:
+                raise AdscInputError(f"request {i}: pixel_values must be a [k, 3, H, W] tensor, got "
+                                     f"{tuple(pix.shape) if isinstance(pix, torch.Tensor) else type(pix).__name__}")
+            if tuple(pix.shape[2:]) != (self.image_size, self.image_size):
+                raise AdscInputError(f"request {i}: images must be {self.image_size}x{self.image_size} for this "
+                                     f"model's vision tower, got {pix.shape[2]}x{pix.shape[3]}")
+            n_img = int(pix.shape[0])
+        n_tok_img = len(self.prompt_grids(request.input_ids, what=f"request {i}"))
+        if n_tok_img != n_img:
+            raise AdscInputError(f"request {i}: input_ids hold {n_tok_img} image(s) "
+                                 f"({n_tok_img * self.tokens_per_image} image tokens) but pixel_values has "
+                                 f"{n_img} image(s)")
+        return [self.grid] * n_img
+
+    def check_features(self, seg) -> None:
+        """The images given must fill the image tokens (a whole grid each)."""
+        pixel_values = seg.inputs.get("pixel_values")
+        if pixel_values is None:
+            return
+        n_tok = int(((seg.input_ids == self.image_token_id) & seg.valid).sum())
+        hw = self.tokens_per_image
+        rows = pixel_values.shape[0] * hw
+        if n_tok != rows:
+            raise AdscInputError(
+                f"the input has {n_tok} image tokens ({n_tok / hw:g} images of {hw}) but the images "
+                f"give {rows} feature rows ({pixel_values.shape[0]} images)"
+            )
+
+    def check_images(self, ids: torch.Tensor, valid: torch.Tensor, continuation: bool, packed_cu=None) -> None:
+        """Readable errors for image tokens that do not form whole images (spec section 3), naming a
+        prefill chunk that starts or ends inside an image; raised after the plan refused a batch."""
+        hw, (h, w) = self.tokens_per_image, self.grid
+        tok = self.image_token_id
+        if packed_cu is not None:
+            flat = ids.reshape(-1).tolist()
+            cu = packed_cu.tolist()
+            rows = [flat[cu[i]:cu[i + 1]] for i in range(len(cu) - 1)]
+        else:
+            rows = [[t for t, v in zip(r, m) if v] for r, m in zip(ids.tolist(), valid.tolist())]
+        for b, row in enumerate(rows):
+            for p, q in image_runs(row, tok):
+                n = q - p
+                if n % hw == 0:
+                    continue
+                if q == len(row) and packed_cu is None:
+                    raise AdscInputError(
+                        f"sequence {b}: the prompt (chunk) ends inside an image: its last {n} tokens are "
+                        f"image tokens, not a multiple of {hw} ({h}x{w} tokens per image). An image must "
+                        f"not be split across prefill chunks; end each chunk between whole images."
+                    )
+                if p == 0 and continuation:
+                    raise AdscInputError(
+                        f"sequence {b}: this prefill chunk starts inside an image: its first {n} tokens "
+                        f"are image tokens, not a multiple of {hw} ({h}x{w} tokens per image). An image "
+                        f"must not be split across prefill chunks."
+                    )
+                raise AdscInputError(
+                    f"sequence {b}: image tokens must form whole images of {h}x{w} = {hw} tokens; got a "
+                    f"run of {n} image tokens (id {tok}) at position {p}"
+                )
 
 
 def _llava_class():
@@ -95,23 +188,13 @@ def _llava_class():
     return LlavaForConditionalGeneration
 
 
-def unwrap(model):
-    """The LLaVA model under a PEFT (or similar) wrapper, or the model itself."""
-    cls = _llava_class()
-    for _ in range(4):
-        if isinstance(model, cls) or not hasattr(model, "get_base_model"):
-            break
-        model = model.get_base_model()
-    return model
-
-
 def text_model(model):
     """The LLaMA-family language model (embeddings, decoder layers, final norm, rotary)."""
     return unwrap(model).model.language_model
 
 
 def llava_spec(model) -> LlavaSpec:
-    """Check that ``model`` is LLaVA-1.5 shaped and describe it.
+    """Check that ``model`` is LLaVA-1.5 shaped and describe it (its :class:`LlavaSpec`, bound to it).
 
     Raises :class:`AdscModelError` naming what does not fit: not a
     ``LlavaForConditionalGeneration``, a text model that is not LLaMA-family (``embed_tokens``,
@@ -128,32 +211,7 @@ def llava_spec(model) -> LlavaSpec:
         )
     cfg = model.config
     text = getattr(getattr(model, "model", None), "language_model", None)
-    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
-    missing = [n for n in needed if text is None or not hasattr(text, n)]
-    if missing:
-        raise AdscModelError(
-            f"ADSC expects a LLaMA-family text model with {', '.join(needed)}; "
-            f"{type(text).__name__} lacks {', '.join(missing)}"
-        )
-    layers = text.layers
-    for i, layer in enumerate(layers):
-        attn = getattr(layer, "self_attn", None)
-        ok = attn is not None and all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        ok = ok and all(hasattr(layer, p) for p in ("input_layernorm", "post_attention_layernorm", "mlp"))
-        if not ok:
-            raise AdscModelError(
-                f"decoder layer {i} ({type(layer).__name__}) is not a LLaMA-family layer: it needs "
-                f"input_layernorm, self_attn with q_proj/k_proj/v_proj/o_proj, post_attention_layernorm and mlp"
-            )
-    tcfg = text.config
-    layer_types = getattr(tcfg, "layer_types", None)
-    if layer_types is not None and any(t != "full_attention" for t in layer_types):
-        raise AdscModelError(
-            f"ADSC supports full causal attention in every layer; the text model has layer types "
-            f"{sorted(set(layer_types))}"
-        )
-    if getattr(tcfg, "use_sliding_window", False) and getattr(tcfg, "sliding_window", None):
-        raise AdscModelError("ADSC does not support sliding-window attention in the text model")
+    facts = llama_family_facts(text)
 
     vcfg = cfg.vision_config
     image_size, patch_size = getattr(vcfg, "image_size", None), getattr(vcfg, "patch_size", None)
@@ -176,33 +234,13 @@ def llava_spec(model) -> LlavaSpec:
         image_token_id = getattr(cfg, "image_token_index", None)
     if image_token_id is None:
         raise AdscModelError("the model's config has no image_token_id / image_token_index")
-    num_heads = int(tcfg.num_attention_heads)
-    head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // num_heads
     return LlavaSpec(
         grid=(side, side),
         image_token_id=int(image_token_id),
-        num_layers=len(layers),
-        hidden_size=int(tcfg.hidden_size),
-        num_heads=num_heads,
-        num_kv_heads=int(getattr(tcfg, "num_key_value_heads", None) or num_heads),
-        head_dim=int(head_dim),
-        vocab_size=int(tcfg.vocab_size),
         image_size=int(image_size),
-        max_positions=int(getattr(tcfg, "max_position_embeddings", None) or (1 << 30)),
-        rms_norm_eps=float(getattr(tcfg, "rms_norm_eps", 1e-6)),
-        scaling=float(getattr(layers[0].self_attn, "scaling", int(head_dim) ** -0.5)),
+        model=model,
+        **facts,
     )
-
-
-def resolve_schedule(config, schedule, num_layers: int, grid) -> Tuple[Schedule, List[StageInfo]]:
-    """The schedule to run (the argument, else ``config.adsc_schedule``, else ``LLAVA15_DEFAULT``),
-    checked against the model: ``(schedule, stage infos)``; ScheduleError if it does not fit."""
-    if schedule is None:
-        schedule = getattr(config, "adsc_schedule", None)
-        if schedule is None:
-            schedule = LLAVA15_DEFAULT
-    sched = Schedule.coerce(schedule)
-    return sched, sched.validate(num_layers, grid)  # its ScheduleError names the layers or the grid
 
 
 # ---- images ----------------------------------------------------------------------------------
@@ -287,91 +325,6 @@ def count_images(row: Union[Sequence[int], torch.Tensor], spec: LlavaSpec, what:
     return n
 
 
-def check_request(spec: LlavaSpec, i: int, req, max_new_tokens: int, error=AdscInputError):
-    """Check request ``i`` of a ``generate(requests, ...)`` call (the engine's and the ONNX and
-    TensorRT runners' format: ``{"input_ids": [n], "pixel_values": [k, 3, S, S] or None,
-    "max_new_tokens": optional int}``). Returns ``(ids, pixel_values, num_images, max_new)``
-    with ``ids`` int64 ``[n]`` on the host and ``pixel_values`` None without images; raises
-    ``error`` (an exception class) with a message that starts ``request {i}:``."""
-
-    def bad(msg):
-        return error(f"request {i}: {msg}")
-
-    if not isinstance(req, dict) or "input_ids" not in req:
-        raise bad("must be a dict with 'input_ids' (1-D LongTensor) and optional 'pixel_values'")
-    ids = req["input_ids"]
-    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
-        raise bad("input_ids must be an integer tensor")
-    if ids.dim() == 2 and ids.shape[0] == 1:
-        ids = ids[0]
-    if ids.dim() != 1 or ids.numel() == 0:
-        raise bad(f"input_ids must be a non-empty 1-D tensor, got shape {tuple(ids.shape)}")
-    ids = ids.detach().to("cpu", torch.int64)  # requests live on the host until their prefill
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= spec.vocab_size:
-        raise bad(f"token ids must be in [0, {spec.vocab_size}), got values in [{lo}, {hi}]")
-    pix = req.get("pixel_values")
-    n_img = 0
-    if pix is not None:
-        if not isinstance(pix, torch.Tensor) or pix.dim() != 4 or pix.shape[1] != 3:
-            raise bad(f"pixel_values must be a [k, 3, H, W] tensor, got "
-                      f"{tuple(pix.shape) if isinstance(pix, torch.Tensor) else type(pix).__name__}")
-        if tuple(pix.shape[2:]) != (spec.image_size, spec.image_size):
-            raise bad(f"images must be {spec.image_size}x{spec.image_size} for this model's vision tower, "
-                      f"got {pix.shape[2]}x{pix.shape[3]}")
-        n_img = int(pix.shape[0])
-        pix = pix.detach() if n_img else None
-    try:
-        n_tok_img = count_images(ids, spec, what=f"request {i}")
-    except AdscInputError as exc:
-        raise error(str(exc)) from None
-    if n_tok_img != n_img:
-        raise bad(f"input_ids hold {n_tok_img} image(s) ({n_tok_img * spec.tokens_per_image} image tokens) but "
-                  f"pixel_values has {n_img} image(s)")
-    max_new = req.get("max_new_tokens", max_new_tokens)
-    if isinstance(max_new, bool) or not isinstance(max_new, numbers.Integral) or max_new < 1:
-        raise bad(f"max_new_tokens must be an int >= 1, got {max_new!r}")
-    max_new = int(max_new)
-    if ids.numel() + max_new > spec.max_positions:
-        raise bad(f"prompt ({ids.numel()}) + max_new_tokens ({max_new}) exceeds the model's "
-                  f"{spec.max_positions} positions")
-    return ids, pix, n_img, max_new
-
-
-# ---- one decoder layer, split around its attention --------------------------------------------
-
-
 def rotary(model, hidden: torch.Tensor, position_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The text model's rotary ``(cos, sin)`` for ``position_ids [B, T]``: each ``[B, T, head_dim]``."""
     return text_model(model).rotary_emb(hidden, position_ids)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """LLaMA's rotary embedding on ``q, k [..., T, heads, head_dim]`` with ``cos, sin [..., T, head_dim]``."""
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def attention_inputs(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
-    """The first half of a LLaMA decoder layer: ``(q, k, v)``, each ``[..., T, heads, head_dim]``
-    (``k``, ``v`` with the KV heads), rotary applied, from ``hidden [..., T, hidden]``."""
-    attn = layer.self_attn
-    x = layer.input_layernorm(hidden)
-    shape = (*x.shape[:-1], -1, head_dim)
-    q = attn.q_proj(x).view(shape)
-    k = attn.k_proj(x).view(shape)
-    v = attn.v_proj(x).view(shape)
-    q, k = apply_rotary(q, k, cos, sin)
-    return q, k, v
-
-
-def attention_output(layer, hidden: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-    """The second half: the layer's output from its input ``hidden [..., T, hidden]`` and the
-    attention result ``attn_out [..., T, heads, head_dim]``."""
-    h = hidden + layer.self_attn.o_proj(attn_out.reshape(*attn_out.shape[:-2], -1))
-    return h + layer.mlp(layer.post_attention_layernorm(h))

@@ -33,6 +33,8 @@ from typing import FrozenSet, List, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from ..errors import AdscInputError
+
 __all__ = ["BACKENDS", "Attention", "GatherIndex", "available_backends", "gather_index", "paged_decode_gather",
            "select_backend"]
 
@@ -75,15 +77,16 @@ def available_backends(device="cpu") -> List[str]:
 
 
 def select_backend(name: Optional[str] = None, device="cpu") -> str:
-    """Resolve a backend name (None / "auto" = best available); ValueError for unknown or unavailable."""
+    """Resolve a backend name (None / "auto" = best available); AdscInputError (a ValueError) for an
+    unknown or unavailable one."""
     device = torch.device(device)
     if name is None or name == "auto":
         return available_backends(device)[0]
     if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)} (or 'auto')")
+        raise AdscInputError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)} (or 'auto')")
     reason = _unavailable_reason(name, device)
     if reason is not None:
-        raise ValueError(reason)
+        raise AdscInputError(reason)
     return name
 
 

@@ -1,18 +1,22 @@
 """The ADSC serving engine: packed prefill, staged paged KV cache, batched decode.
 
-``Engine(model, schedule=...)`` takes a ``transformers.LlavaForConditionalGeneration`` and runs its
-vision tower, projector and decoder layers itself (reusing the model's modules and weights, through
-the one model description :mod:`adsc_ext.models.llava`):
+``Engine(model, schedule=...)`` takes a Hugging Face multimodal model (LLaVA-1.5, Qwen2-VL,
+Qwen2.5-VL; the spec's ``check_runtime`` refuses LLaVA-NeXT / OneVision and Qwen3-VL's DeepStack when
+the engine is built) and runs its vision tower, projector and
+decoder layers itself, reusing the model's modules and weights through the spec. It is a backend
+of the one generation loop (:class:`~adsc_ext.generation.Generator`: admit, prefill, decode, pick,
+retire), which gives it ``generate()``:
 
 - **prefill** runs on a packed batch (no padding). The batch is planned on the host with the
   core's CPU plan (the request ids are host tensors anyway; the C++ plan of a batch takes well
-  under a millisecond and runs while the device works through the vision tower). Everything the
-  device needs for the batch -- token ids, every stage's gather index and ``cu_seqlens``, the
-  original positions and every stage's block tables -- goes to the device in **one** host-to-device
-  copy (pinned, non-blocking); slot mappings and the last-token rows are computed there. No
-  host-device synchronisation until the picked tokens are read back. At every stage boundary the
-  hidden states and the rotary cos/sin are re-indexed with :func:`adsc_ext.compact_tokens`.
-  Attention is varlen (see :mod:`adsc_ext.runtime.attention`).
+  under a millisecond and runs while the device works through the vision tower) into a packed
+  :class:`~adsc_ext.layout.StagedLayout`. Everything the device needs for the batch -- token
+  ids, the layout's positions, gather indices and ``cu_seqlens``, and every stage's block tables
+  -- goes to the device in **one** host-to-device copy (pinned, non-blocking); slot mappings and
+  the last-token rows are computed there. No host-device synchronisation until the picked tokens
+  are read back. At every stage boundary the layout compacts the hidden states and the rotary
+  cos/sin (:meth:`~adsc_ext.layout.StagedLayout.enter`). Attention is varlen (see
+  :mod:`adsc_ext.runtime.attention`).
 - **KV cache**: one paged pool per stage (:class:`~adsc_ext.runtime.kv_pool.StagedKVPool`); K/V
   are written with :func:`adsc_ext.write_paged_kv` at each stage's slot mapping; decode attention
   reads the pool through block tables. RoPE uses the original positions; generated token ``t`` of a
@@ -25,63 +29,29 @@ the one model description :mod:`adsc_ext.models.llava`):
 - **continuous batching**: requests wait in a queue; between decode steps, waiting requests are
   admitted (prefilled together) as soon as batch slots (``max_batch_size``) and KV blocks allow.
   A request reserves its blocks for prompt + ``max_new_tokens`` at admission (no preemption) and
-  frees them when it finishes.
+  frees them when it finishes. A call's fresh pool is dropped when the call ends.
 """
 
 from __future__ import annotations
 
 import numbers
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..models.llava import (
-    attention_inputs,
-    attention_output,
-    check_request,
-    embed_with_images,
-    llava_spec,
-    resolve_schedule,
-    rotary,
-    unwrap,
-)
-from ..sampling import pick_tokens
+from ..errors import AdscInputError, EngineInputError, KVCapacityError, ScheduleError
+from ..generation import Generator, Request, Seq
+from ..layout import StagedLayout, StageMap, kv_slots
+from ..models.base import model_spec, positive_int, unwrap
 from .attention import Attention, gather_index
-from .kv_pool import KVCapacityError, StagedKVPool, blocks_needed
+from .kv_pool import StagedKVPool, blocks_needed
 
 __all__ = ["Engine", "EngineInputError", "KVCapacityError"]
 
-
-class EngineInputError(ValueError):
-    """A request the engine cannot run (bad ids, images that do not match the model...)."""
-
-
-def _positive_int(name: str, value) -> int:
-    """``value`` as an int >= 1; a float, bool or string is refused rather than truncated."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
-
-
-@dataclass
-class _Seq:
-    rid: int
-    ids: torch.Tensor  # int64 [n], on the host
-    pixel_values: Optional[torch.Tensor]  # on the host
-    num_images: int
-    stage_lens: List[int]  # prompt tokens alive in every stage
-    max_new: int
-    generated: List[int] = field(default_factory=list)
-    logits: Optional[List[torch.Tensor]] = None  # per generated token, with return_logits=True
-
-    @property
-    def n(self) -> int:
-        return self.ids.numel()
+#: The layout fields a prefill moves to the device (with the token ids and the block tables).
+_PREFILL_FIELDS = ("position_ids", "index", "cu_seqlens")
 
 
 @dataclass
@@ -90,7 +60,7 @@ class _DecodeBatch:
 
     rids: List[int]
     tokens: torch.Tensor  # int64 [B]: the token fed to the next step
-    pos: torch.Tensor  # int64 [B]: its position
+    pos: torch.Tensor  # int64 [*lead, B]: its position (every component: M-RoPE's [4, B])
     lens: List[torch.Tensor]  # per stage, int32 [B]: tokens cached before this step's token
     block_tables: List[torch.Tensor]  # per stage, int32 [B, width]
     valid: Optional[torch.Tensor]  # bool [B]: real rows (None: all rows are real)
@@ -100,19 +70,21 @@ class _DecodeBatch:
     runner: Optional["_GraphRunner"] = None
 
 
-class Engine:
-    """Batched ADSC generation for a Hugging Face LLaVA model.
+class Engine(Generator):
+    """Batched ADSC generation for a Hugging Face multimodal model (``generate()``: see
+    :meth:`adsc_ext.generation.Generator.generate`).
 
     Args:
-        model: a ``transformers.LlavaForConditionalGeneration`` (LLaMA-family text model), in eval
-            mode; ``apply_adsc`` need not have been called.
+        model: a ``transformers`` LLaVA-1.5, Qwen2-VL or Qwen2.5-VL model (LLaMA-family text model,
+            see :mod:`adsc_ext.models`), in eval mode; ``apply_adsc`` need not have been called.
         schedule: schedule string / :class:`~adsc_ext.Schedule`; None: ``config.adsc_schedule`` or
-            the LLaVA-1.5 default. ``""`` runs the unmodified model.
+            the architecture's default. ``""`` runs the unmodified model.
         backend: attention backend, ``"flash_attn" | "torch_varlen" | "sdpa"``, or None / "auto".
         block_size: tokens per KV block (an int >= 1).
         num_blocks: blocks of every stage's pool (an int for all stages or one per stage) for a
             persistent cache, allocated (and zero-filled) here; None sizes fresh pools for each
-            ``generate`` call to exactly the blocks its requests need in every stage.
+            ``generate`` call to exactly the blocks its requests need in every stage (dropped when
+            the call ends).
         max_batch_size: most requests decoded together (others wait and join between steps).
         cuda_graphs: capture each decode step's decoder in a CUDA graph, one per batch-size bucket
             (powers of two up to ``max_batch_size``), and replay it. CUDA only. A graph bakes in
@@ -120,38 +92,37 @@ class Engine:
             across ``generate`` calls; fresh pools are captured again. **Not yet verified
             on a GPU**: the bookkeeping (static buffers, padded rows, buckets) is tested on the CPU
             with the capture replaced by a plain call.
+
+    ``stats`` after ``generate``: the loop's (``prefill_seconds``: wall time of the prefills,
+    synchronised; ``decode_seconds``, ``decode_steps``, ``decode_tokens``, ``prefills``,
+    ``admitted_per_prefill``), and ``prefill_decoder_seconds`` (the decoder layers alone, CUDA
+    events on a GPU), ``prefill_host_layout_seconds`` (the host work of the prefills: plan,
+    layout, upload), ``prefill_reindex_device_seconds`` (the compactions at the stage boundaries,
+    on the device), ``backend``, ``decode_path``, ``cuda_graphs``, ``graphs_captured``,
+    ``pool_bytes``, ``pool_blocks`` (per stage), ``peak_kv_bytes``.
     """
 
     def __init__(self, model, schedule=None, *, backend: Optional[str] = None, block_size: int = 16,
                  num_blocks: Union[None, int, Sequence[int]] = None, max_batch_size: int = 256,
                  cuda_graphs: bool = False):
         model = unwrap(model)
-        self.spec = spec = llava_spec(model)
-        self.schedule, self.stages = resolve_schedule(model.config, schedule, spec.num_layers, spec.grid)
-        self.block_size = _positive_int("block_size", block_size)
-        self.max_batch_size = _positive_int("max_batch_size", max_batch_size)
+        self.spec = spec = model_spec(model)
+        spec.check_runtime("the engine")
+        self.schedule, self.stages = spec.resolve_schedule(schedule, model.config)
+        self.stage_map = StageMap(self.schedule, spec.num_layers)
+        self.block_size = positive_int("block_size", block_size)
+        self.max_batch_size = positive_int("max_batch_size", max_batch_size)
         self.model = model
-        self.text = model.model.language_model
-        self.grid = spec.grid
-        self.image_token_id = spec.image_token_id
-        self.num_layers = spec.num_layers
-        self.tokens_per_image = spec.tokens_per_image
-        self.stage_of_layer = [self.schedule.stage_of_layer(l) for l in range(self.num_layers)]
-        self.boundaries = {st.first_layer: st.stage for st in self.stages[1:]}
+        self.layers = spec.layers
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.attention = Attention(backend, self.device, block_size=self.block_size)
-        self.head_dim, self.num_heads, self.num_kv_heads = spec.head_dim, spec.num_heads, spec.num_kv_heads
-        self.scaling = spec.scaling
-        self.image_size = spec.image_size
-        self.max_positions = spec.max_positions
         self.cuda_graphs = bool(cuda_graphs)
         if self.cuda_graphs:
             _require_cuda_graphs(self.device)
         self._graphs: Dict[Tuple[int, Tuple[int, ...]], _GraphRunner] = {}
         self._graph_pool = None
         if num_blocks is None:
-            self._fixed_blocks = None
             self.pool: Optional[StagedKVPool] = None
         else:
             if isinstance(num_blocks, numbers.Integral) and not isinstance(num_blocks, bool):
@@ -159,203 +130,161 @@ class Engine:
             else:
                 nb = list(num_blocks)
                 if len(nb) != len(self.stages):
-                    raise ValueError(f"num_blocks needs one entry per stage ({len(self.stages)}), got {nb}")
+                    raise AdscInputError(f"num_blocks needs one entry per stage ({len(self.stages)}), got {nb}")
             for b in nb:
                 if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 0:
-                    raise ValueError(f"num_blocks must be ints >= 0, got {nb}")
-            self._fixed_blocks = [int(b) for b in nb]
-            self.pool = self._new_pool(self._fixed_blocks)
+                    raise AdscInputError(f"num_blocks must be ints >= 0, got {nb}")
+            self.pool = self._new_pool([int(b) for b in nb])
         self.stats: Dict[str, Any] = {}
-        self.last_pool: Optional[StagedKVPool] = None
+        self._call: Optional[_Call] = None  # what one generate() call holds (its pool, blocks, timers)
         self._dstate: Optional[_DecodeBatch] = None  # decode layout of the running batch
-        self._running = False  # generate() is not re-entrant
 
+    # ---- the model's facts, for callers ---------------------------------------------------------
     @property
     def backend(self) -> str:
         return self.attention.name
 
-    def _new_pool(self, num_blocks: Sequence[int]) -> StagedKVPool:
-        layers = [list(range(st.first_layer, st.end_layer)) for st in self.stages]
-        return StagedKVPool(layers, num_blocks, block_size=self.block_size, num_kv_heads=self.num_kv_heads,
-                            head_dim=self.head_dim, dtype=self.dtype, device=self.device)
+    @property
+    def num_layers(self) -> int:
+        return self.spec.num_layers
 
-    def pool_for(self, requests: Sequence[dict], max_new_tokens: int) -> StagedKVPool:
+    @property
+    def stage_of_layer(self) -> Tuple[int, ...]:
+        return self.stage_map.stage_of_layer
+
+    @property
+    def image_token_id(self) -> int:
+        return self.spec.image_token_id
+
+    @property
+    def grid(self):
+        """The one image grid of a model whose images all have it (LLaVA-1.5), else None."""
+        return self.spec.schedule_grid()
+
+    @property
+    def tokens_per_image(self) -> Optional[int]:
+        grid = self.grid
+        return None if grid is None else grid[0] * grid[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.spec.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.spec.head_dim
+
+    # ---- pools ------------------------------------------------------------------------------------
+    def _new_pool(self, num_blocks: Sequence[int]) -> StagedKVPool:
+        return StagedKVPool(self.stage_map.stage_layers(), num_blocks, block_size=self.block_size,
+                            num_kv_heads=self.spec.num_kv_heads, head_dim=self.spec.head_dim, dtype=self.dtype,
+                            device=self.device)
+
+    def pool_for(self, requests: Sequence[Any], max_new_tokens: int) -> StagedKVPool:
         """A fresh KV pool holding exactly ``requests`` at once with ``max_new_tokens`` each (``0``:
         the prompts alone): what ``generate`` allocates for them."""
         return self._new_pool(self.pool_blocks_for(requests, max_new_tokens))
 
-    def pool_blocks_for(self, requests: Sequence[dict], max_new_tokens: int) -> List[int]:
+    def pool_blocks_for(self, requests: Sequence[Any], max_new_tokens: int) -> List[int]:
         """Blocks every stage's pool needs to hold all ``requests`` at once (prompt + new tokens):
         the ``num_blocks`` of a persistent pool sized for them."""
         out = [0] * len(self.stages)
         for req in requests:
-            lens = self.stage_lengths(req["input_ids"].reshape(-1))
-            for k, L in enumerate(lens):
-                out[k] += blocks_needed(L + int(req.get("max_new_tokens", max_new_tokens)), self.block_size)
+            ids, new, inputs = _request_parts(req)
+            new = max_new_tokens if new is None else int(new)
+            for k, n in enumerate(self.stage_lengths(ids, **inputs)):
+                out[k] += blocks_needed(n + new, self.block_size)
         return out
 
     # ---- requests --------------------------------------------------------------------------------
-    def stage_lengths(self, input_ids: torch.Tensor) -> List[int]:
-        """Prompt tokens alive in every stage for one request's ``input_ids``."""
-        n = int(input_ids.numel())
-        n_img_tok = int((input_ids == self.image_token_id).sum())
-        k = n_img_tok // self.tokens_per_image
-        return [n - n_img_tok + k * st.tokens_per_image for st in self.stages]
+    def stage_lengths(self, input_ids: torch.Tensor, **inputs) -> List[int]:
+        """Prompt tokens alive in every stage for one request's ``input_ids`` (and the processor
+        outputs that give its images' grids, e.g. ``image_grid_thw``)."""
+        ids = input_ids.reshape(-1)
+        return self.spec.stage_lengths(self.schedule, ids.numel(), self.spec.prompt_grids(ids, **inputs))
 
-    def _check_request(self, i: int, req, max_new_tokens: int) -> _Seq:
-        ids, pix, n_img, max_new = check_request(self.spec, i, req, max_new_tokens, EngineInputError)
-        seq = _Seq(i, ids, None if pix is None else pix.cpu(), n_img, self.stage_lengths(ids), max_new)
+    def analytic_kv_tokens(self, requests: Sequence[Any], max_new_tokens: int) -> int:
+        """Sum over layers and requests of cached tokens (prompt alive in the layer's stage + new)."""
+        total = 0
+        for req in requests:
+            ids, new, inputs = _request_parts(req)
+            new = max_new_tokens if new is None else int(new)  # a request's own budget, as pool_blocks_for
+            lens = self.stage_lengths(ids, **inputs)
+            total += sum(lens[s] + new for s in self.stage_of_layer)
+        return total
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K+V of one token in one layer."""
+        return self.spec.kv_bytes_per_token(self.dtype)
+
+    # ---- the generation loop's backend -------------------------------------------------------------
+    def _check(self, seq: Seq) -> None:
+        try:
+            seq.stage_lens = self.spec.stage_lengths(self.schedule, seq.n, seq.grids)
+        except ScheduleError as exc:  # an image of its own grid that the schedule cannot downsample
+            raise ScheduleError(f"request {seq.rid}: {exc}") from None
         if self.pool is not None:
-            need = [L + max_new for L in seq.stage_lens]
+            need = [L + seq.max_new for L in seq.stage_lens]
             if not self.pool.fits_ever(need):
-                cap = self.pool.capacity_tokens()
                 raise KVCapacityError(
-                    f"request {i}: needs {need} cache tokens per stage (prompt + max_new_tokens) but the "
-                    f"KV pools hold {cap} tokens ({self.block_size}-token blocks); it can never be served"
+                    f"request {seq.rid}: needs {need} cache tokens per stage (prompt + max_new_tokens) but the "
+                    f"KV pools hold {self.pool.capacity_tokens()} tokens ({self.block_size}-token blocks); it can "
+                    f"never be served"
                 )
-        return seq
 
-    # ---- generation ------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def generate(self, requests: Sequence[dict], max_new_tokens: int = 32, *, temperature: float = 0.0,
-                 top_p: float = 1.0, eos_token_id: Optional[int] = None, suppress_image_token: bool = True,
-                 generator: Optional[torch.Generator] = None, return_exceptions: bool = False,
-                 return_logits: bool = False,
-                 progress: Optional[Callable[[int, int], None]] = None) -> List[Any]:
-        """Generate for every request; returns one list of token ids per request (in order).
-
-        Each request: ``{"input_ids": LongTensor [n], "pixel_values": [k, 3, H, W] or None,
-        "max_new_tokens": optional int}``. Greedy unless ``temperature > 0`` (then top-p sampling).
-        A request stops after its ``max_new_tokens`` or at ``eos_token_id`` (included).
-        Bad requests raise :class:`EngineInputError` / :class:`KVCapacityError` before any work, or,
-        with ``return_exceptions=True``, get the exception as their result while the others run.
-        ``return_logits=True`` makes each result ``(tokens, logits)``, logits a float32 CPU tensor
-        ``[len(tokens), vocab]`` of the raw scores each token was picked from.
-        ``progress(done, total)`` is called after every step; it must not call back into this
-        engine (``generate`` is not re-entrant: a nested call raises ``RuntimeError``).
-        The cache is left as it was (every block taken by this call is freed), also on errors.
-
-        ``stats`` afterwards: ``prefill_seconds`` (wall time of the prefills, synchronised),
-        ``prefill_decoder_seconds`` (the decoder layers alone, CUDA events on a GPU),
-        ``prefill_host_layout_seconds`` (the host work of the prefills: plan, layout, upload),
-        ``prefill_reindex_device_seconds`` (the compactions at the stage boundaries, on the device),
-        ``decode_seconds``, ``decode_steps``, ``decode_tokens``, ``decode_path``, ``cuda_graphs``,
-        ``pool_bytes``, ``peak_kv_bytes`` ...
-        """
-        if self._running:
-            raise RuntimeError("Engine.generate() is not re-entrant: it was called while a generate() call on "
-                               "this engine is running (from its progress callback?); use a second Engine")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        self._running = True
-        try:
-            return self._generate(requests, max_new_tokens, temperature, top_p, eos_token_id,
-                                  suppress_image_token, generator, return_exceptions, return_logits, progress)
-        finally:
-            self._running = False
-
-    def _generate(self, requests, max_new_tokens, temperature, top_p, eos_token_id, suppress_image_token,
-                  generator, return_exceptions, return_logits, progress):
-        seqs: List[Optional[_Seq]] = []
-        results: List[Any] = [None] * len(requests)
-        for i, req in enumerate(requests):
-            try:
-                seqs.append(self._check_request(i, req, max_new_tokens))
-            except (EngineInputError, KVCapacityError) as exc:
-                if not return_exceptions:
-                    raise
-                results[i] = exc
-                seqs.append(None)
-        live = [s for s in seqs if s is not None]
-        for s in live:
-            s.logits = [] if return_logits else None
+    def _start(self, seqs: List[Seq]) -> None:
         pool = self.pool
-        if pool is None:  # size fresh pools exactly for this call
-            need = [sum(blocks_needed(s.stage_lens[k] + s.max_new, self.block_size) for s in live)
-                    for k in range(len(self.stages))]
-            pool = self._new_pool(need)
-        self._dstate = None  # decode layout of the running batch (rebuilt when the batch changes)
-        sample = dict(temperature=temperature, top_p=top_p, generator=generator,
-                      suppress_token_id=self.image_token_id if suppress_image_token else None)
-        stats = dict(prefill_seconds=0.0, prefill_decoder_seconds=0.0, decode_seconds=0.0, decode_steps=0,
-                     decode_tokens=0, prefills=0, admitted_per_prefill=[], backend=self.backend,
-                     cuda_graphs=self.cuda_graphs, pool_bytes=pool.total_bytes())
-        timers: List[Dict[str, Any]] = []
-        waiting = deque(live)
-        running: List[_Seq] = []
-        held: List[int] = []
-        try:
-            while waiting or running:
-                admitted = []
-                while waiting and len(running) + len(admitted) < self.max_batch_size:
-                    s = waiting[0]
-                    need = [L + s.max_new for L in s.stage_lens]
-                    if not pool.can_allocate(need):
-                        break
-                    pool.allocate(s.rid, need)
-                    held.append(s.rid)
-                    admitted.append(waiting.popleft())
-                if not admitted and not running:
-                    raise RuntimeError("internal error: a waiting request fits no empty pool")  # checked above
-                if admitted:
-                    t0 = time.perf_counter()
-                    timers.append(self._prefill(pool, admitted, sample))
-                    stats["prefill_seconds"] += self._sync_time(t0)
-                    stats["prefills"] += 1
-                    stats["admitted_per_prefill"].append([s.rid for s in admitted])
-                    running += admitted
-                running = self._retire(pool, running, results, held, eos_token_id)
-                if running:
-                    t0 = time.perf_counter()
-                    self._decode_step(pool, running, sample)
-                    stats["decode_seconds"] += self._sync_time(t0)
-                    stats["decode_steps"] += 1
-                    stats["decode_tokens"] += len(running)
-                    running = self._retire(pool, running, results, held, eos_token_id)
-                if progress is not None:
-                    progress(sum(1 for r in results if r is not None), len(requests))
-        finally:
-            for rid in held:
-                pool.free(rid)
-            stats["prefill_decoder_seconds"] = sum(t["decoder"].seconds() for t in timers)
-            stats["prefill_host_layout_seconds"] = sum(t["host"] for t in timers)
-            stats["prefill_reindex_device_seconds"] = sum(r.seconds() for t in timers for r in t["reindex"])
-            stats["peak_kv_bytes"] = pool.peak_used_bytes
-            stats["decode_path"] = self.attention.decode_path
-            stats["graphs_captured"] = len(self._graphs)
-            self._dstate = None
-            self.stats = stats
-            self.last_pool = pool
-        return results
+        if pool is None:  # size a fresh pool exactly for this call
+            pool = self._new_pool([sum(blocks_needed(s.stage_lens[k] + s.max_new, self.block_size) for s in seqs)
+                                   for k in range(len(self.stages))])
+        self._call = _Call(pool)
+        self._dstate = None
+        self.stats.update(backend=self.backend, cuda_graphs=self.cuda_graphs, pool_bytes=pool.total_bytes(),
+                          pool_blocks=[p.num_blocks for p in pool.pools])
 
-    def _sync_time(self, t0: float) -> float:
+    def _admit(self, waiting: Deque[Seq], running: List[Seq]) -> List[Seq]:
+        call, admitted = self._call, []
+        while waiting and len(running) + len(admitted) < self.max_batch_size:
+            s = waiting[0]
+            need = [L + s.max_new for L in s.stage_lens]
+            if not call.pool.can_allocate(need):
+                break
+            call.pool.allocate(s.rid, need)
+            call.held.append(s.rid)
+            admitted.append(waiting.popleft())
+        return admitted
+
+    def _release(self, seq: Seq) -> None:
+        self._call.pool.free(seq.rid)
+        self._call.held.remove(seq.rid)
+
+    def _finish(self, stats: Dict[str, Any]) -> None:
+        call, self._call, self._dstate = self._call, None, None  # nothing of the call outlives it
+        if call is None:
+            return
+        for rid in call.held:
+            call.pool.free(rid)
+        if call.pool is not self.pool:  # a fresh pool for this call: no captured graph keeps it alive
+            for runner in self._graphs.values():
+                if runner.pool is call.pool:
+                    runner.replay = runner.out = runner.pool = None
+        stats["prefill_decoder_seconds"] = sum(t["decoder"].seconds() for t in call.timers)
+        stats["prefill_host_layout_seconds"] = sum(t["host"] for t in call.timers)
+        stats["prefill_reindex_device_seconds"] = sum(r.seconds() for t in call.timers for r in t["reindex"])
+        stats["peak_kv_bytes"] = call.pool.peak_used_bytes
+        stats["decode_path"] = self.attention.decode_path
+        stats["graphs_captured"] = len(self._graphs)
+
+    def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return time.perf_counter() - t0
 
-    def _retire(self, pool, running, results, held, eos):
-        keep = []
-        for s in running:
-            done = len(s.generated) >= s.max_new or (eos is not None and s.generated and s.generated[-1] == eos)
-            if done:
-                results[s.rid] = (list(s.generated) if s.logits is None
-                                  else (list(s.generated), torch.stack(s.logits).float().cpu()))
-                pool.free(s.rid)
-                held.remove(s.rid)
-            else:
-                keep.append(s)
-        return keep
+    def _accept(self, seqs: List[Seq], tokens: torch.Tensor) -> None:
+        state = self._dstate
+        if state is not None and state.pool is self._call.pool and state.rids == [s.rid for s in seqs]:
+            state.tokens[: len(seqs)].copy_(tokens)  # the next step's input, without a host round trip
 
-    def _pick(self, seqs: List[_Seq], logits: torch.Tensor, sample) -> torch.Tensor:
-        """Pick every sequence's next token on the device; one read-back for the host's lists."""
-        toks = pick_tokens(logits, **sample)  # int64 [B], on the device
-        for i, s in enumerate(seqs):
-            if s.logits is not None:
-                s.logits.append(logits[i].detach().clone())
-        for s, t in zip(seqs, toks[: len(seqs)].tolist()):  # the step's one synchronisation
-            s.generated.append(t)
-        return toks
-
+    # ---- transfers ------------------------------------------------------------------------------
     def _upload(self, parts: Sequence[Union[torch.Tensor, Sequence[int]]]) -> List[torch.Tensor]:
         """Every integer the device needs for a batch, in ONE host-to-device copy.
 
@@ -369,115 +298,116 @@ class Engine:
         dev = flat.to(self.device, non_blocking=True)
         return list(dev.split([h.numel() for h in host]))
 
+    def _to_device(self, t):
+        """A request input on the model's device (floating ones in its dtype)."""
+        if not isinstance(t, torch.Tensor):
+            return t
+        return t.to(self.device, self.dtype if t.is_floating_point() else t.dtype, non_blocking=True)
+
+    def _upload_pixels(self, seqs: List[Seq]) -> Optional[torch.Tensor]:
+        """The batch's images in one host-to-device copy (None without images)."""
+        pix = [s.pixel_values for s in seqs if s.pixel_values is not None]
+        if not pix:
+            return None
+        host = torch.cat([p.cpu() for p in pix]).to(self.dtype)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
+
     # ---- one decoder layer ------------------------------------------------------------------------
     def _layer(self, l: int, h: torch.Tensor, cos, sin, pool: StagedKVPool, slots, attend):
         from ..ops import write_paged_kv
 
-        layer = self.text.layers[l]
-        q, k, v = attention_inputs(layer, h, cos, sin, self.head_dim)
+        layer = self.layers[l]
+        q, k, v = self.spec.attention_inputs(layer, h, cos, sin)
         k, v = k.contiguous(), v.contiguous()
-        sp = pool.pools[self.stage_of_layer[l]]
+        sp = pool.pools[self.stage_map.stage_of_layer[l]]
         write_paged_kv(k, v, sp.k[l], sp.v[l], slots, check_slots=False)
-        return attention_output(layer, h, attend(q, k, v, sp.k[l], sp.v[l]))
+        return self.spec.attention_output(layer, h, attend(q, k, v, sp.k[l], sp.v[l]))
 
     # ---- prefill -------------------------------------------------------------------------------------
-    def _prefill_layout(self, pool: StagedKVPool, seqs: List[_Seq]) -> Dict[str, Any]:
-        """The host side of a prefill: the plan (the core's CPU plan on the host ids: no device
-        round trip, and its sizes equal the host-known stage lengths) and every integer the device
-        needs, as ``parts`` for :meth:`_upload`."""
-        from ..ops import stage_plan
-
+    def _prefill_layout(self, pool: StagedKVPool, seqs: List[Seq]) -> Dict[str, Any]:
+        """The host side of a prefill: the packed batch's layout (the core's CPU plan on the host
+        ids: no device round trip, and its sizes equal the host-known stage lengths) and every
+        integer the device needs, as ``parts`` for :meth:`_upload`."""
         S = len(self.stages)
         ids_host = torch.cat([s.ids for s in seqs])
         cu0 = [0]
         for s in seqs:
             cu0.append(cu0[-1] + s.n)
-        plan = stage_plan(self.schedule, input_ids=ids_host, cu_seqlens=torch.as_tensor(cu0, dtype=torch.int32),
-                          image_token_id=self.image_token_id, grid=self.grid)
+        inputs = self.spec.collate([s.request for s in seqs])  # the batch's grids etc., in request order
+        plan, pos = self.spec.prepare(self.schedule, ids_host, cu_seqlens=torch.as_tensor(cu0, dtype=torch.int32),
+                                      **inputs)
+        layout = StagedLayout.packed(self.stage_map, plan, position_ids=pos)
+        pos0 = layout.stages[0].position_ids  # [*lead, T] on the host: each request's next position
+        for s, a, b in zip(seqs, cu0[:-1], cu0[1:]):
+            one = pos0[..., a:b].unsqueeze(-2)
+            self._call.next_pos[s.rid] = self.spec.next_positions(one, torch.ones(1, b - a, dtype=torch.bool))[..., 0]
         widths = [max(len(pool.tables[s.rid][k]) for s in seqs) for k in range(S)]
-        parts: List[Any] = [ids_host, plan.stages[0].position_ids]
-        for k in range(S):
-            parts += [plan.stages[k].cu_seqlens, pool.block_table_rows([s.rid for s in seqs], k, widths[k])]
-        parts += [plan.stages[k].index for k in range(1, S)]
-        cu_host = [[0] for _ in range(S)]
-        for k in range(S):
-            for s in seqs:
-                cu_host[k].append(cu_host[k][-1] + s.stage_lens[k])
-        return dict(parts=parts, widths=widths, cu_host=cu_host,
-                    max_lens=[max(s.stage_lens[k] for s in seqs) for k in range(S)])
+        tables = [pool.block_table_rows([s.rid for s in seqs], k, widths[k]) for k in range(S)]
+        parts = [ids_host, *tables, *layout.tensors(_PREFILL_FIELDS)]
+        return dict(parts=parts, widths=widths, layout=layout, inputs=inputs)
 
-    def _upload_pixels(self, seqs: List[_Seq]) -> Optional[torch.Tensor]:
-        """The batch's images in one host-to-device copy (None without images)."""
-        pix = [s.pixel_values for s in seqs if s.pixel_values is not None]
-        if not pix:
-            return None
-        host = torch.cat(pix).to(self.dtype)
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        return host.to(self.device, non_blocking=True)
-
-    def _prefill(self, pool: StagedKVPool, seqs: List[_Seq], sample) -> Dict[str, Any]:
-        from ..ops import compact_tokens
-
-        B, S, bs = len(seqs), len(self.stages), self.block_size
+    def _prefill(self, seqs: List[Seq]) -> torch.Tensor:
+        call, B, S, bs = self._call, len(seqs), len(self.stages), self.block_size
+        pool = call.pool
         t_host = time.perf_counter()
-        lay = self._prefill_layout(pool, seqs)
-        widths, cu_host, max_lens = lay["widths"], lay["cu_host"], lay["max_lens"]
-        dev_parts = self._upload(lay["parts"])
+        host = self._prefill_layout(pool, seqs)
+        dev = self._upload(host["parts"])
         t_host = time.perf_counter() - t_host
-        ids, pos0 = dev_parts[0], dev_parts[1]
-        cus = [dev_parts[2 + 2 * k].to(torch.int32) for k in range(S)]
-        bts = [dev_parts[3 + 2 * k].view(B, widths[k]) for k in range(S)]
-        index = [None] + dev_parts[2 + 2 * S:]
-        slots = [_prefill_slots(cus[k], bts[k], cu_host[k][-1], bs) for k in range(S)]
+        ids = dev[0]
+        bts = [dev[1 + k].view(B, w) for k, w in enumerate(host["widths"])]
+        layout = host["layout"].with_tensors(dev[1 + S:], _PREFILL_FIELDS)
+        slots = [layout.slot_mapping(k, bts[k], bs) for k in range(S)]
         pix_dev = self._upload_pixels(seqs)
-        n_img_tokens = sum(s.num_images for s in seqs) * self.tokens_per_image
-        h = embed_with_images(self.model, ids, pix_dev, self.image_token_id, num_image_tokens=n_img_tokens)
-        cos, sin = rotary(self.model, h[None], pos0[None])
+        inputs = {k: self._to_device(v) for k, v in host["inputs"].items()}
+        n_img_tokens = sum(g[0] * g[1] for s in seqs for g in s.grids)  # on the host: no device sync
+        h = self.spec.embed(ids, pix_dev, num_image_tokens=n_img_tokens, **inputs)
+        cos, sin = self.spec.rotary(h[None], layout.stages[0].position_ids.unsqueeze(-2))  # one batch row
         cos, sin = cos[0], sin[0]
         timer = _Timer(self.device)
-        reindex = [_Timer(self.device) for _ in self.boundaries]
+        reindex = [_Timer(self.device) for _ in range(S - 1)]
         timer.start()
-        stage = 0
-        for l in range(self.num_layers):
-            if l in self.boundaries:
-                stage = self.boundaries[l]
-                idx = index[stage]
-                reindex[stage - 1].start()
-                h = compact_tokens(h, idx, check_index=False)
-                cos = compact_tokens(cos, idx, check_index=False)
-                sin = compact_tokens(sin, idx, check_index=False)
-                reindex[stage - 1].stop()
+        for l, s, entering in layout.layers():
+            st = layout.stages[s]
+            if entering and s > 0:
+                reindex[s - 1].start()
+                h, cos, sin = layout.enter(s, h, cos, sin)
+                reindex[s - 1].stop()
 
-            def attend(q, k, v, kc, vc, cu=cus[stage], mx=max_lens[stage], cuh=cu_host[stage]):
-                return self.attention.varlen_prefill(q, k, v, cu, mx, self.scaling, cu_host=cuh)
+            def attend(q, k, v, kc, vc, st=st):
+                return self.attention.varlen_prefill(q, k, v, st.cu_seqlens, st.max_seqlen, self.spec.scaling,
+                                                     cu_host=st.cu_host)
 
-            h = self._layer(l, h, cos, sin, pool, slots[stage], attend)
+            h = self._layer(l, h, cos, sin, pool, slots[s], attend)
         timer.stop()
-        last = (cus[stage][1:] - 1).long()  # the last prompt row of every sequence, on the device
-        logits = self.model.lm_head(self.text.norm(h[last]))
-        self._pick(seqs, logits, sample)
-        return dict(decoder=timer, reindex=reindex, host=t_host)
+        last = (layout.stages[-1].cu_seqlens[1:] - 1).long()  # the last prompt row of every sequence, on the device
+        call.timers.append(dict(decoder=timer, reindex=reindex, host=t_host))
+        return self.spec.logits(h[last])
 
     # ---- decode --------------------------------------------------------------------------------------
-    def _decode_layout(self, pool: StagedKVPool, seqs: List[_Seq]) -> _DecodeBatch:
+    def _decode_layout(self, pool: StagedKVPool, seqs: List[Seq]) -> _DecodeBatch:
         """Upload a running batch's decode state (one copy); built when the batch changes."""
         S, B = len(self.stages), len(seqs)
         rids = [s.rid for s in seqs]
         widths = [max(len(pool.tables[r][k]) for r in rids) for k in range(S)]
         lens_host = [[s.stage_lens[k] + len(s.generated) - 1 for s in seqs] for k in range(S)]
-        parts: List[Any] = [[s.generated[-1] for s in seqs], [s.n + len(s.generated) - 1 for s in seqs]]  # n + t
+        # each request's position: its next one after the prompt (n, or the spec's rule: M-RoPE's n + delta) + t
+        nxt = self._call.next_pos
+        pos = torch.stack([nxt[s.rid] + (len(s.generated) - 1) for s in seqs], dim=-1)  # [*lead, B]
+        parts: List[Any] = [[s.generated[-1] for s in seqs], pos]
         parts += lens_host
         parts += [pool.block_table_rows(rids, k, widths[k]) for k in range(S)]
         if self.cuda_graphs:
             runner = self._runner(B, widths)
             return runner.load(rids, parts, widths, [max(x) for x in lens_host], pool, self)
         dev = self._upload(parts)
-        return _DecodeBatch(rids, dev[0], dev[1], [t.to(torch.int32) for t in dev[2:2 + S]],
+        return _DecodeBatch(rids, dev[0], dev[1].view(pos.shape), [t.to(torch.int32) for t in dev[2:2 + S]],
                             [dev[2 + S + k].view(B, widths[k]).to(torch.int32) for k in range(S)], None, None,
                             [max(x) for x in lens_host], pool)
 
-    def _decode_step(self, pool: StagedKVPool, seqs: List[_Seq], sample) -> None:
+    def _decode(self, seqs: List[Seq]) -> torch.Tensor:
+        pool = self._call.pool
         state = self._dstate
         if state is None or state.pool is not pool or state.rids != [s.rid for s in seqs]:
             state = self._dstate = self._decode_layout(pool, seqs)
@@ -490,8 +420,7 @@ class Engine:
             at.add_(inc)
         state.pos.add_(inc)
         state.max_lens = [m + 1 for m in state.max_lens]
-        toks = self._pick(seqs, logits[: len(seqs)], sample)
-        state.tokens[: len(seqs)].copy_(toks)
+        return logits[: len(seqs)]
 
     def _decode_forward(self, state: _DecodeBatch, full_width: bool) -> torch.Tensor:
         """One decode step's decoder on the device state: logits ``[B, vocab]``. Writes this
@@ -499,14 +428,13 @@ class Engine:
         gather path reads the whole block table (static shapes) instead of the blocks in use."""
         bs = self.block_size
         h = self.model.get_input_embeddings()(state.tokens)
-        cos, sin = rotary(self.model, h[None], state.pos[None])
+        cos, sin = self.spec.rotary(h[None], state.pos.unsqueeze(-2))
         cos, sin = cos[0], sin[0]
         paged = self.attention.decode_path == "paged"
+        rows = torch.arange(state.tokens.shape[0], device=state.tokens.device)
         per_stage = []
         for k, (bt, at) in enumerate(zip(state.block_tables, state.lens)):
-            # the new token's slot: block at // bs of the request's table, offset at % bs
-            blk = bt.gather(1, (at // bs).long()[:, None])[:, 0]
-            slots = blk.long() * bs + (at % bs).long()
+            slots = kv_slots(bt, rows, at, bs)  # the new token's slot: cache position `at` of the row
             if state.valid is not None:
                 slots = torch.where(state.valid, slots, -1)  # padded rows write nothing
             seq_lens = at + 1
@@ -515,15 +443,15 @@ class Engine:
             else:
                 width = bt.shape[1] if full_width else blocks_needed(state.max_lens[k] + 1, bs)
                 per_stage.append((slots, bt, seq_lens, None, gather_index(bt, seq_lens, width, bs)))
-        for l in range(self.num_layers):
-            slots, bt, seq_lens, cu_k, gidx = per_stage[self.stage_of_layer[l]]
+        for l, s, _ in self.stage_map.layers():  # one token per row: every stage has the same layout
+            slots, bt, seq_lens, cu_k, gidx = per_stage[s]
 
             def attend(q, k, v, kc, vc, bt=bt, seq_lens=seq_lens, cu_k=cu_k, gidx=gidx):
-                return self.attention.paged_decode(q, kc, vc, bt, seq_lens, self.scaling, cu_seqlens_k=cu_k,
+                return self.attention.paged_decode(q, kc, vc, bt, seq_lens, self.spec.scaling, cu_seqlens_k=cu_k,
                                                    gather=gidx)
 
             h = self._layer(l, h, cos, sin, state.pool, slots, attend)
-        return self.model.lm_head(self.text.norm(h))
+        return self.spec.logits(h)
 
     def _runner(self, B: int, widths: Sequence[int]) -> "_GraphRunner":
         bucket = _bucket(B, self.max_batch_size)
@@ -535,27 +463,24 @@ class Engine:
         r = self._graphs[(bucket, wb)] = _GraphRunner(self, bucket, wb)
         return r
 
-    # ---- accounting ----------------------------------------------------------------------------------
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K+V of one token in one layer."""
-        return self.spec.kv_bytes_per_token(self.dtype)
 
-    def analytic_kv_tokens(self, requests: Sequence[dict], max_new_tokens: int) -> int:
-        """Sum over layers and requests of cached tokens (prompt alive in the layer's stage + new)."""
-        total = 0
-        for req in requests:
-            lens = self.stage_lengths(req["input_ids"].reshape(-1))
-            total += sum(lens[self.stage_of_layer[l]] + max_new_tokens for l in range(self.num_layers))
-        return total
+class _Call:
+    """What one ``generate`` call holds: its pool (the persistent one, or a fresh one sized for
+    the call), the requests holding blocks, and the prefills' timers."""
+
+    def __init__(self, pool: StagedKVPool):
+        self.pool = pool
+        self.held: List[int] = []
+        self.timers: List[Dict[str, Any]] = []
+        self.next_pos: Dict[int, torch.Tensor] = {}  # rid -> [*lead]: the position after its prompt (host)
 
 
-def _prefill_slots(cu: torch.Tensor, bt: torch.Tensor, num_tokens: int, bs: int) -> torch.Tensor:
-    """int64 ``[num_tokens]`` slot of every packed token of a stage, on the device, from the
-    stage's ``cu_seqlens`` (int32 ``[B+1]``) and block tables (``[B, width]``)."""
-    tok = torch.arange(num_tokens, device=cu.device, dtype=torch.int32)
-    seq = torch.searchsorted(cu[1:], tok, right=True)
-    off = (tok - cu[seq]).long()
-    return bt[seq, off // bs] * bs + off % bs
+def _request_parts(req) -> Tuple[torch.Tensor, Optional[int], Dict[str, Any]]:
+    """``(input_ids, max_new_tokens, other inputs)`` of a :class:`Request` or its dict form."""
+    if isinstance(req, Request):
+        return req.input_ids, req.max_new_tokens, dict(req.inputs)
+    rest = {k: v for k, v in req.items() if k not in ("input_ids", "max_new_tokens", "pixel_values")}
+    return req["input_ids"], req.get("max_new_tokens"), rest
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -568,7 +493,7 @@ def _bucket(n: int, cap: int) -> int:
 
 def _require_cuda_graphs(device: torch.device) -> None:
     if device.type != "cuda":
-        raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, it is on {device}")
+        raise AdscInputError(f"cuda_graphs=True needs the model on a CUDA device, it is on {device}")
 
 
 def _warmup(fn: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -609,7 +534,7 @@ class _GraphRunner:
         dev, S = engine.device, len(engine.stages)
         self.engine, self.batch, self.widths = engine, batch, tuple(widths)
         self.tokens = torch.zeros(batch, dtype=torch.int64, device=dev)
-        self.pos = torch.zeros(batch, dtype=torch.int64, device=dev)
+        self.pos = torch.zeros(*engine.spec.position_lead, batch, dtype=torch.int64, device=dev)
         self.lens = [torch.zeros(batch, dtype=torch.int32, device=dev) for _ in range(S)]
         self.block_tables = [torch.zeros(batch, w, dtype=torch.int32, device=dev) for w in widths]
         self.valid = torch.zeros(batch, dtype=torch.bool, device=dev)
@@ -627,7 +552,7 @@ class _GraphRunner:
         for buf in (self.tokens, self.pos, *self.lens, *self.block_tables):
             buf.zero_()
         self.tokens[:B].copy_(dev[0])
-        self.pos[:B].copy_(dev[1])
+        self.pos[..., :B].copy_(dev[1].view(*self.pos.shape[:-1], B))
         for k in range(S):
             self.lens[k][:B].copy_(dev[2 + k])
             self.block_tables[k][:B, : widths[k]].copy_(dev[2 + S + k].view(B, widths[k]))

@@ -16,11 +16,10 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from ..errors import AdscInputError, KVCapacityError
+from ..layout import kv_slots
+
 __all__ = ["KVCapacityError", "BlockAllocator", "StagePool", "StagedKVPool", "blocks_needed"]
-
-
-class KVCapacityError(ValueError):
-    """A request does not fit into the KV pool (now, or ever)."""
 
 
 def blocks_needed(tokens: int, block_size: int) -> int:
@@ -97,7 +96,7 @@ class StagedKVPool:
     def __init__(self, stage_layers: Sequence[Sequence[int]], num_blocks: Sequence[int], *, block_size: int,
                  num_kv_heads: int, head_dim: int, dtype=torch.float32, device="cpu"):
         if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
+            raise AdscInputError(f"block_size must be >= 1, got {block_size}")
         if len(num_blocks) != len(stage_layers):
             raise ValueError(f"num_blocks needs one entry per stage ({len(stage_layers)}), got {list(num_blocks)}")
         self.block_size = int(block_size)
@@ -174,7 +173,8 @@ class StagedKVPool:
             raise KVCapacityError(
                 f"request {rid!r}: token {start + count - 1} is past its {len(table) * bs} reserved slots in stage {stage}"
             )
-        return [table[j // bs] * bs + j % bs for j in range(start, start + count)]
+        pos = torch.arange(start, start + count)
+        return kv_slots(torch.tensor([table]), torch.zeros_like(pos), pos, bs).tolist()
 
     def block_table_rows(self, rids: Sequence, stage: int, width: int) -> List[int]:
         """The block tables of ``stage`` for ``rids`` as one flat host list, row by row, each row
