@@ -7,7 +7,7 @@ for the metrics.
 
 import sys
 
-from adsc_ext.bench import main
+from adsc_ext.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -48,6 +48,9 @@ LOG="$OUT/gpu_session.log"
 export PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+# CUDA ops or a build error saying why not: under `auto` a partial toolkit would quietly give CPU
+# ops, and every CUDA test would skip.
+export ADSC_TARGET_DEVICE=${ADSC_TARGET_DEVICE:-cuda}
 failed=0
 DEADLINE=${DEADLINE:-}
 

@@ -12,7 +12,7 @@ import time
 import torch
 
 from adsc_ext.hf import apply_adsc
-from adsc_ext.hf.tiny import TinyProcessor, tiny_llava
+from adsc_ext.testing import TinyProcessor, tiny_llava
 
 
 def main():

@@ -1,27 +1,38 @@
 """A few steps of LoRA fine-tuning with the ADSC schedule in place (as the paper trains).
 
-    python examples/lora_finetune_tiny.py
+    python examples/lora_finetune_tiny.py [STEPS]
+
+The loop below is the smallest picture of what happens; to fine-tune a real checkpoint on LLaVA
+instruction data (the checkpoint's chat template, several processes, LoRA merged into a checkpoint
+that serves as it is) use ``adsc train`` (``adsc_ext.train``, docs/training.md).
 
 A tiny random LLaVA learns to answer with a fixed caption for its images; the loss is ADSC's
 (spec 6.4: next-token targets shifted on the original sequence, then compacted with the tokens).
 Needs `peft`.
 """
 
+import sys
+
 import torch
 from peft import LoraConfig, get_peft_model
 
 from adsc_ext.hf import apply_adsc
-from adsc_ext.hf.tiny import TinyProcessor, tiny_llava
+from adsc_ext.testing import TinyProcessor, tiny_llava
 
 
-def main(steps: int = 20):
+def main(steps: int = 20, out_dir: str = "lora-adsc-tiny"):
     torch.manual_seed(0)
     model = tiny_llava(grid_side=4, num_layers=6, attn_implementation="sdpa")
     apply_adsc(model, "2:2,4:2")  # 16 -> 8 -> 4 image tokens
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     model.print_trainable_parameters()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # activation_checkpointing_enable from transformers 5.23 on (gradient_checkpointing_enable is
+    # deprecated there); the older name on 5.17-5.22
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
     proc = TinyProcessor(model.config)
@@ -40,9 +51,9 @@ def main(steps: int = 20):
         opt.zero_grad()
         if step % 5 == 0 or step == steps - 1:
             print(f"step {step:2d}  loss {loss.item():.4f}")
-    model.save_pretrained("lora-adsc-tiny")  # adapter; the base config carries adsc_schedule
-    print("saved the LoRA adapter to ./lora-adsc-tiny")
+    model.save_pretrained(out_dir)  # adapter; the base config carries adsc_schedule
+    print(f"saved the LoRA adapter to {out_dir}")
 
 
 if __name__ == "__main__":
-    main()
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 20)

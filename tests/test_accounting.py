@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from contextlib import contextmanager
 
 import pytest
@@ -269,6 +270,15 @@ def _flop_counter():
         yield counter
 
 
+def _rope_flops(counter):
+    """The FLOPs counted in the rotary embedding: transformers before 5.19 computes RoPE's angles
+    with a matmul (inv_freq [head_dim/2, 1] @ positions [1, n]: head_dim * n FLOPs), which spec
+    section 7 does not count; from 5.19 on it is an elementwise product, which FlopCounterMode does
+    not count either. The module is named by its path in a forward, by its class when called alone."""
+    return sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+               if name.split(".")[-1] in ("rotary_emb", "LlamaRotaryEmbedding"))
+
+
 @pytest.mark.parametrize("n", [1, 37])
 def test_plain_forward_counts_layer_flops(tiny_llama, n):
     model, spec = tiny_llama
@@ -279,7 +289,8 @@ def test_plain_forward_counts_layer_flops(tiny_llama, n):
     assert per_layer == [layer_flops(spec, n)] * spec.num_layers
     # Embedding lookup, RoPE and the final norm are no counted matmuls: the whole model's count
     # is the decoder layers' count, as spec section 7 defines it.
-    assert counter.get_total_flops() == spec.num_layers * layer_flops(spec, n)
+    assert _rope_flops(counter) in (0, spec.head_dim * n)
+    assert counter.get_total_flops() - _rope_flops(counter) == spec.num_layers * layer_flops(spec, n)
 
 
 def test_adsc_forward_counts_plan_report_flops(tiny_llama):
@@ -310,7 +321,8 @@ def test_adsc_forward_counts_plan_report_flops(tiny_llama):
 
     assert alive == report["layers"]
     assert [row["tokens"] for row in alive] == [41, 41, 25, 25, 13, 13]
-    assert counter.get_total_flops() == report["adsc_flops"]
+    assert _rope_flops(counter) in (0, sum(spec.head_dim * row["tokens"] for row in alive))
+    assert counter.get_total_flops() - _rope_flops(counter) == report["adsc_flops"]
     assert report["adsc_flops"] < report["baseline_flops"] == 6 * layer_flops(spec, 41)
 
 
@@ -371,7 +383,7 @@ def test_official_config_vision_and_vocab():
 def tiny_llava_and_spec():
     """A tiny random LLaVA (CLIP tower, LLaMA decoder) and its ModelSpec read from its config."""
     pytest.importorskip("transformers")
-    from adsc_ext.hf.tiny import tiny_llava
+    from adsc_ext.testing import tiny_llava
 
     model = tiny_llava(seed=0, grid_side=4, patch_size=4, vision_layers=3, attn_implementation="sdpa")
     spec = spec_from_config(model.config.to_dict(), "tiny-llava")
@@ -416,3 +428,338 @@ def test_adsc_plan_prints_the_section8_ratios(capsys):
     assert r["decode"]["batch"] == 64 and r["decode"]["speedup"] > 1.24
     assert cli.main(["plan", "--new-tokens", "1"]) == 2
     assert "new_tokens must be an integer >= 2" in capsys.readouterr().err
+
+
+# ---- the architectures beyond LLaVA-1.5 (issue 20): presets, config.json, images, FLOP counter ----
+from adsc_ext.accounting import (ARCHITECTURES, DEFAULT_IMAGE_SIZE, image_tokens,  # noqa: E402
+                                 parse_image_size)
+from adsc_ext.image_grids import qwen_resize  # noqa: E402
+from adsc_ext.errors import AdscInputError  # noqa: E402
+
+NEW_PRESETS = ["llava-v1.6-mistral-7b", "llava-v1.6-vicuna-7b", "llava-onevision-qwen2-7b", "qwen2-vl-7b",
+               "qwen2.5-vl-7b", "qwen3-vl-8b"]
+
+
+def test_config_defaults_are_transformers_own():
+    """What a config.json may leave out is filled with the defaults of transformers' config class of
+    that model_type, as transformers does (a release that changes one fails here)."""
+    transformers = pytest.importorskip("transformers")
+    from adsc_ext.accounting import _DEFAULTS
+
+    # Keys an older config class does not define, and what transformers' model then does without
+    # them (transformers 5.17's SiglipVisionConfig has no vision_use_head; its
+    # SiglipVisionTransformer runs the pooling head when the attribute is absent).
+    model_fallbacks = {("siglip_vision_model", "vision_use_head"): True}
+    for model_type, defaults in _DEFAULTS.items():
+        cfg = transformers.AutoConfig.for_model(model_type)
+        for key, want in defaults.items():
+            if not hasattr(cfg, key):
+                assert (model_type, key) in model_fallbacks, (model_type, key, "missing from the config class")
+                got = model_fallbacks[model_type, key]
+            else:
+                got = getattr(cfg, key)
+            assert (list(got) if isinstance(got, tuple) else got) == want, (model_type, key)
+
+
+def _release_configs():
+    """transformers configs with the published shapes of the 7B-class releases (sources: research
+    note section 5), as their config.json files hold them."""
+    T = pytest.importorskip("transformers")
+    clip = T.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+    nl = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    mistral = T.MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                              num_key_value_heads=8, vocab_size=32064, sliding_window=None)
+    vicuna = T.LlamaConfig(vocab_size=32064)
+    siglip = T.SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+                                  num_attention_heads=16, image_size=384, patch_size=14, vision_use_head=False)
+    qwen2 = T.Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                          num_key_value_heads=4, vocab_size=152128)
+    text7 = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                 num_key_value_heads=4, vocab_size=152064)
+    return {
+        "llava-v1.6-mistral-7b": T.LlavaNextConfig(vision_config=clip, text_config=mistral, image_grid_pinpoints=nl),
+        "llava-v1.6-vicuna-7b": T.LlavaNextConfig(vision_config=clip, text_config=vicuna, image_grid_pinpoints=nl),
+        "llava-onevision-qwen2-7b": T.LlavaOnevisionConfig(vision_config=siglip, text_config=qwen2),
+        "qwen2-vl-7b": T.Qwen2VLConfig(text_config=text7, vision_config=dict(depth=32, embed_dim=1280, mlp_ratio=4,
+                                                                              num_heads=16, hidden_size=3584)),
+        "qwen2.5-vl-7b": T.Qwen2_5_VLConfig(text_config=text7, vision_config=dict(
+            depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31])),
+        "qwen3-vl-8b": T.Qwen3VLConfig(
+            text_config=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                             num_key_value_heads=8, head_dim=128, vocab_size=151936),
+            vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                               patch_size=16, deepstack_visual_indexes=[8, 16, 24])),
+    }
+
+
+@pytest.mark.parametrize("name", NEW_PRESETS)
+def test_new_presets_are_their_release_configs(name, tmp_path):
+    cfg = _release_configs()[name]
+    path = _write_config(tmp_path, cfg.to_dict())
+    spec = load_model_spec(path)
+    assert dataclasses.replace(spec, name=name) == PRESETS[name]
+
+
+def test_qwen25_release_config_json_with_its_preprocessor(tmp_path):
+    """The released Qwen2.5-VL-7B-Instruct config.json keeps the text keys at the top level; the
+    processor's pixel limits come from preprocessor_config.json beside it."""
+    config = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+              "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+              "num_key_value_heads": 4, "vocab_size": 152064, "rope_scaling": {"type": "mrope",
+                                                                                "mrope_section": [16, 24, 24]},
+              "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                                "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14,
+                                "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+                                "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2,
+                                "temporal_patch_size": 2}}
+    _write_config(tmp_path, config)
+    spec = load_model_spec(tmp_path)
+    assert dataclasses.replace(spec, name="qwen2.5-vl-7b") == PRESETS["qwen2.5-vl-7b"]
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 200704}))
+    small = load_model_spec(tmp_path)
+    assert (small.vision.min_pixels, small.vision.max_pixels) == (3136, 200704)
+    assert image_tokens(small, (1024, 1024)).tokens == 256 < image_tokens(spec, (1024, 1024)).tokens == 1369
+    config["adsc_schedule"] = "7:4"
+    _write_config(tmp_path, config)
+    assert load_model_spec(tmp_path).default_schedule() == "7:4"
+    config["adsc_schedule"] = "7:3"
+    _write_config(tmp_path, config)
+    with pytest.raises(ScheduleError, match="adsc_schedule"):
+        load_model_spec(tmp_path)
+
+
+@pytest.mark.parametrize("name, schedule", [("llava-1.5-7b", "8:2,16:2,24:2"), ("llava-v1.6-mistral-7b", "8:2,16:2,24:2"),
+                                            ("llava-onevision-qwen2-7b", "7:2,14:2,21:2"),
+                                            ("qwen2.5-vl-7b", "7:2,14:2,21:2"), ("qwen3-vl-8b", "9:2,18:2,27:2")])
+def test_default_schedules(name, schedule):
+    """Spec section 2: LLaVA-1.5's own, else round(L/4), round(L/2), round(3L/4)."""
+    assert PRESETS[name].default_schedule() == schedule
+
+
+# The research note's per-image table (section 5), from the released geometry; sizes are (height, width).
+@pytest.mark.parametrize("name, size, tokens, crops, tflops", [
+    ("qwen2.5-vl-7b", (448, 448), 256, 1, "1.347"), ("qwen2.5-vl-7b", (640, 480), 391, 1, "2.073"),
+    ("qwen2.5-vl-7b", (1024, 1024), 1369, 1, "7.700"), ("qwen3-vl-8b", (448, 448), 196, 1, "0.787"),
+    ("qwen3-vl-8b", (1024, 1024), 1024, 1, "5.798"), ("llava-onevision-qwen2-7b", (448, 448), 3699, 5, "3.333"),
+    ("llava-onevision-qwen2-7b", (1024, 1024), 7371, 10, "6.665"), ("llava-onevision-qwen2-7b", (480, 640), 2929, 5, "3.333"),
+    ("llava-v1.6-mistral-7b", (448, 448), 2928, 5, "2.030"), ("llava-v1.6-mistral-7b", (640, 480), 2352, 5, "2.030"),
+])
+def test_release_images(name, size, tokens, crops, tflops):
+    spec = PRESETS[name]
+    image = image_tokens(spec, size)
+    assert (image.tokens, image.crops) == (tokens, crops)
+    assert f"{vision_flops(spec, image) / 1e12:.3f}" == tflops
+
+
+def test_onevision_report_of_a_multi_image_prompt():
+    """A OneVision prompt of several images encodes each as its base crop + one newline (730
+    tokens, 1 crop), as its processor does; LLaVA-NeXT patches every image."""
+    ov = plan_report(PRESETS["llava-onevision-qwen2-7b"], "7:2,14:2,21:2", 10, images=2, image_size=(448, 448))
+    assert ov["image"]["multi_image"] and ov["image"]["tokens"] == 730 and ov["image"]["crops"] == 1
+    assert ov["image"]["grids"] == [[27, 27, 0]] and ov["image"]["text_tokens"] == 1
+    # 27x27 -> 27x14 -> 14x14 -> 14x7, and the trailing newline stays with the text
+    assert [s["vision_tokens_per_image"] for s in ov["stages"]] == [730, 379, 197, 99]
+    assert [s["tokens"] for s in ov["stages"]] == [10 + 2 * t for t in (730, 379, 197, 99)]
+    nxt = plan_report(PRESETS["llava-v1.6-mistral-7b"], "8:2", 10, images=2, image_size=(448, 448))
+    assert not nxt["image"]["multi_image"] and nxt["image"]["tokens"] == 2928
+
+
+def test_anyres_stage_counts_keep_newlines_with_their_rows():
+    """An anyres image's tokens per stage: the base grid, plus the high-resolution grid's rows with
+    one newline each (halving columns never removes a newline; halving rows drops it with its row)."""
+    r = plan_report(PRESETS["llava-onevision-qwen2-7b"], "7:2,14:2,21:4", 0, image_size=(480, 640))
+    rows = [(s["grids"], s["vision_tokens_per_image"]) for s in r["stages"]]
+    assert rows == [
+        ([[27, 27, 0], [40, 54, 1]], 729 + 40 * 55),
+        ([[27, 14, 0], [40, 27, 1]], 378 + 40 * 28),   # columns halved: every newline stays
+        ([[14, 14, 0], [20, 27, 1]], 196 + 20 * 28),   # rows halved: half the newlines go with them
+        ([[7, 7, 0], [10, 14, 1]], 49 + 10 * 15),
+    ]
+    assert r["baseline_kv_bytes"] == 28 * layer_kv_bytes(PRESETS["llava-onevision-qwen2-7b"], 2929)
+
+
+def test_image_sizes_and_their_errors():
+    assert parse_image_size("640x480") == (480, 640) == DEFAULT_IMAGE_SIZE
+    assert parse_image_size(" 448 X 448") == (448, 448)
+    for bad in ("448", "axb", "0x10", "10x-3", "1x2x3"):
+        with pytest.raises(AdscInputError, match="image size"):
+            parse_image_size(bad)
+    with pytest.raises(AdscInputError, match="aspect ratio"):
+        image_tokens(PRESETS["qwen2.5-vl-7b"], (10, 5000))
+    # Qwen's smallest image is 2x2 merged tokens, which the default schedule cannot take three times
+    with pytest.raises(ScheduleError, match=r"qwen2.5-vl-7b, a 28x28 image"):
+        plan_report(PRESETS["qwen2.5-vl-7b"], "7:2,14:2,21:2", 8, image_size=(28, 28))
+    with pytest.raises(ModelSpecError, match="depend on its size"):
+        PRESETS["qwen2.5-vl-7b"].tokens_per_image
+    assert ARCHITECTURES["qwen2_5_vl"] == "Qwen2.5-VL"
+
+
+def test_qwen_resize_equals_transformers():
+    pytest.importorskip("transformers")
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    import random
+
+    rng = random.Random(0)
+    sizes = [(rng.randint(10, 5000), rng.randint(10, 5000)) for _ in range(300)] + [(28, 28), (1, 100), (56, 3000)]
+    for h, w in sizes:
+        for factor, lo, hi in ((28, 3136, 12845056), (32, 65536, 16777216), (28, 3136, 200704)):
+            try:
+                want = smart_resize(h, w, factor=factor, min_pixels=lo, max_pixels=hi)
+            except ValueError:
+                with pytest.raises(ValueError):
+                    qwen_resize(h, w, factor, lo, hi)
+                continue
+            assert qwen_resize(h, w, factor, lo, hi) == tuple(want), (h, w, factor)
+
+
+# ---- against FlopCounterMode, eager attention, on small models of each architecture -----------------
+TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=100)
+MROPE = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
+
+
+def _small_model(arch):
+    T = pytest.importorskip("transformers")
+    from adsc_ext.testing.llava_next import tiny_llava_next_config, tiny_llava_onevision_config
+
+    if arch == "llava_next":
+        cfg = tiny_llava_next_config(num_layers=2)
+    elif arch == "llava_onevision":
+        cfg = tiny_llava_onevision_config(num_layers=2)
+        cfg.vision_config.vision_use_head = True  # SigLIP's pooling head runs too (OneVision's is off)
+    elif arch == "qwen2_vl":
+        cfg = T.Qwen2VLConfig(text_config=dict(TEXT, rope_parameters=MROPE),
+                              vision_config=dict(depth=2, embed_dim=32, mlp_ratio=2, num_heads=2, hidden_size=64))
+    elif arch == "qwen2_5_vl":
+        cfg = T.Qwen2_5_VLConfig(text_config=dict(TEXT, rope_parameters=MROPE), vision_config=dict(
+            depth=3, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, fullatt_block_indexes=[1],
+            window_size=112))
+    else:
+        cfg = T.Qwen3VLConfig(text_config=dict(TEXT, head_dim=16, rope_parameters={**MROPE, "mrope_interleaved": True}),
+                              vision_config=dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2,
+                                                 out_hidden_size=64, deepstack_visual_indexes=[0, 2],
+                                                 num_position_embeddings=64))
+    torch.manual_seed(0)
+    model = T.AutoModelForImageTextToText.from_config(cfg, attn_implementation="eager").eval()
+    return model, spec_from_config(json.loads(cfg.to_json_string()), arch)
+
+
+def _count(fn) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _count_layers(fn) -> int:
+    """FLOPs inside the decoder layers only (the rotary table outside them is not a layer's cost;
+    transformers 5.17 builds it with a matmul the counter sees, later releases do not)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+               if re.fullmatch(r".*\.layers\.\d+", name))
+
+
+NEW_ARCHS = ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+SIZES_HW = [(448, 448), (300, 700), (30, 100), (97, 1000)]
+
+
+@pytest.mark.parametrize("arch", NEW_ARCHS)
+def test_flop_counter_on_each_architecture(arch):
+    """Decoder layers, the vision tower + projector of images of several sizes (anyres crops,
+    Qwen2.5-VL's windows, Qwen3-VL's DeepStack mergers), the LM head, and the weights a decode step
+    reads, against the real modules."""
+    model, spec = _small_model(arch)
+    assert spec.arch == arch
+    text = model.model.language_model
+    ids = torch.randint(0, 50, (1, 13))
+    assert _count_layers(lambda: text(input_ids=ids)) == spec.num_layers * layer_flops(spec, 13)
+    assert _count(lambda: model.lm_head(torch.randn(3, spec.hidden_size))) == lm_head_flops(spec, 3)
+    params = sum(p.numel() for p in text.layers.parameters()) + text.norm.weight.numel() + model.lm_head.weight.numel()
+    assert decode_weight_bytes(spec, dtype_bytes=1) == params
+    for size in SIZES_HW:
+        image = image_tokens(spec, size)
+        if spec.vision.qwen:
+            ((gh, gw, _),) = image.grids
+            m, v = spec.vision.merge_size, spec.vision
+            pixels = torch.randn(gh * gw * m * m, 3 * v.temporal_patch_size * v.patch_size ** 2)
+            got = _count(lambda: model.model.get_image_features(pixels, torch.tensor([[1, gh * m, gw * m]]),
+                                                                return_dict=True))
+        else:
+            from adsc_ext.testing.llava_next import random_images, tiny_processor
+
+            out = tiny_processor(model.config)(images=random_images([size]), text=["<image>"], return_tensors="pt")
+            assert out["input_ids"].numel() == image.tokens
+            kw = {"batch_num_images": out["batch_num_images"]} if arch == "llava_onevision" else {}
+            got = _count(lambda: model.model.get_image_features(out["pixel_values"], out["image_sizes"],
+                                                                return_dict=True, **kw))
+        assert got == vision_flops(spec, image), size
+
+
+def test_qwen_image_grids_are_the_processors():
+    """image_tokens' Qwen grid is the processor's image_grid_thw after the merge."""
+    pytest.importorskip("transformers")
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from adsc_ext.testing.llava_next import random_images
+
+    for name, patch in (("qwen2.5-vl-7b", 14), ("qwen3-vl-8b", 16)):
+        spec = PRESETS[name]
+        proc = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, min_pixels=spec.vision.min_pixels,
+                                        max_pixels=spec.vision.max_pixels)
+        for size in [(60, 90), (448, 448), (333, 1000)]:
+            out = proc(images=random_images([size]), return_tensors="pt")
+            t, h, w = out["image_grid_thw"][0].tolist()
+            assert image_tokens(spec, size).grids == ((h // 2, w // 2, 0),) and t == 1
+
+
+@pytest.mark.parametrize("onevision", [False, True])
+def test_plan_report_counts_what_the_model_spec_plans(onevision):
+    """adsc plan's stage token counts equal the plan the model spec makes for a processed prompt
+    (the same images through the real processor), one image and OneVision's multi-image prompt."""
+    pytest.importorskip("transformers")
+    from adsc_ext.models import model_spec
+    from adsc_ext.testing.llava_next import random_images, tiny_llava_next, tiny_llava_onevision, tiny_processor
+
+    model = tiny_llava_onevision() if onevision else tiny_llava_next()
+    spec, acct = model_spec(model), spec_from_config(model.config.to_dict(), "tiny")
+    proc = tiny_processor(model.config)
+    schedule = "2:2,3:2,4:2"
+    cases = [[(30, 100)], [(200, 200)], [(400, 500)], [(170, 13)], [(200, 200), (30, 100)]]
+    for sizes in cases:
+        out = proc(images=[random_images(sizes)], text=["w1 w2 " + "<image> " * len(sizes) + "w3"],
+                   return_tensors="pt")
+        extra = {k: out[k] for k in ("image_sizes", "batch_num_images") if k in out}
+        plan = spec.plan(schedule, out["input_ids"], attention_mask=out["attention_mask"], **extra)
+        if len(set(sizes)) > 1 and not onevision:
+            continue  # a report is for images of one size; NeXT patches each image on its own
+        r = plan_report(acct, schedule, 3, images=len(sizes), image_size=sizes[0])
+        assert [s["tokens"] for s in r["stages"]] == [int(st.seq_lens[0]) for st in plan.stages], sizes
+
+
+def test_adsc_plan_for_the_new_models(capsys, tmp_path):
+    from adsc_ext import cli
+
+    assert cli.main(["plan", "--model", "qwen2.5-vl-7b", "--image-size", "448x448", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["schedule"] == "7:2,14:2,21:2" and r["image"]["tokens"] == 256 and r["image"]["resized"] == [448, 448]
+    assert [s["grid"] for s in r["stages"]] == [[16, 16], [16, 8], [8, 8], [8, 4]]
+    assert cli.main(["plan", "--model", "llava-onevision-qwen2-7b"]) == 0
+    out = capsys.readouterr().out
+    assert "1 image of 640x480 px (27x27 + 40x54 with newlines = 2929 vision tokens, 5 crops)" in out
+    assert "27x14 + 40x27n" in out and "newline token, kept with its row" in out
+    assert cli.main(["plan", "--model", "llava-onevision-qwen2-7b", "--images", "2"]) == 0
+    assert "base crop only (a multi-image prompt)" in capsys.readouterr().out
+    # a config.json of any of them, with the schedule its checkpoint stores
+    cfg = _release_configs()["qwen3-vl-8b"].to_dict()
+    cfg["adsc_schedule"] = "9:4"
+    _write_config(tmp_path, cfg)
+    assert cli.main(["plan", "--model", str(tmp_path), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["schedule"] == "9:4" and r["arch"] == "qwen3_vl" and r["image"]["tokens"] == 300
+    assert cli.main(["plan", "--model", "qwen2.5-vl-7b", "--image-size", "448"]) == 2
+    assert "--image-size" in capsys.readouterr().err
+    assert cli.main(["plan", "--model", "qwen2.5-vl-7b", "--image-size", "28x28"]) == 2
+    assert "a 28x28 image" in capsys.readouterr().err

@@ -104,7 +104,7 @@ def test_prefill_records_compare_like_with_like(tiny_run):
 
 
 def _tiny_report():
-    from adsc_ext.hf.tiny import tiny_llava_config
+    from adsc_ext.testing import tiny_llava_config
 
     cfg = tiny_llava_config(grid_side=24, patch_size=2, num_layers=8, hidden_size=64)
     return plan_report(spec_from_config(cfg.to_dict(), "tiny"), "2:2,4:2,6:2", 1 + 4, 1, 4, decode_batch=2,
@@ -151,7 +151,7 @@ def test_missing_matplotlib_is_one_clear_line(tiny_run, monkeypatch):
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        assert "plot skipped: matplotlib is not installed (pip install 'adsc_ext[bench]')" in tiny_run["out"]
+        assert "plot skipped: matplotlib is not installed (pip install matplotlib; it comes with adsc_ext's [bench] extra)" in tiny_run["out"]
         assert tiny_run["res"]["plot"] is None and "matplotlib" in tiny_run["res"]["plot_skipped"]
     else:
         monkeypatch.setitem(sys.modules, "matplotlib", None)
@@ -254,6 +254,8 @@ def test_bad_arguments_are_one_line(argv, match, monkeypatch, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_full_size_on_a_cpu_is_refused_before_allocating(monkeypatch, capsys):
     monkeypatch.setattr(suite, "_build_model", lambda *a: pytest.fail("a model was built"))
+    # a CPU runs what fits in its memory: the refusal below is of a machine with 24 GiB available
+    monkeypatch.setattr("adsc_ext.models.checkpoint.available_memory", lambda device="cpu": (24 << 30, "MemAvailable"))
     rc, out, err = _bench([], capsys)
     assert rc == 2 and err.count("\n") == 1 and "needs a CUDA GPU with about" in err and "--tiny" in err
     rc, out, err = _bench(["--device", "cpu", "--dtype", "bf16"], capsys)

@@ -981,3 +981,25 @@ def test_out_that_requires_grad_is_refused(device):
     with torch.no_grad():  # as for any in-place write, fine without autograd
         compact_tokens(x, idx([0, 1, 2], device=device), out=out)
     assert_bits_equal(out.detach(), x[:3])
+
+
+# ---- hardening (issue 18): an index that lives inside out -------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_index_inside_out_is_refused(device):
+    # The rows gathered first overwrote the index still to be read (out-of-bounds rows followed).
+    x = torch.arange(8, dtype=torch.int64, device=device).view(4, 2) * 1000
+    out = torch.zeros(3, 2, dtype=torch.int64, device=device)
+    index = out.view(-1)[:3]
+    index.copy_(torch.tensor([1, 2, 0], device=device))
+    before = out.clone()
+    with pytest.raises(ValueError, match="compact: dst and index overlap in memory"):
+        compact_tokens(x, index, out=out)
+    with pytest.raises(ValueError, match="dst and index overlap"):
+        ops.compact_tokens_out(x, index, out)
+    assert torch.equal(out, before)  # nothing written
+    # A copy of the index is fine; so is an index that shares memory with x (both only read).
+    compact_tokens(x, index.clone(), out=out)
+    assert torch.equal(out, compact_tokens_reference(x, before.view(-1)[:3]))
+    xi = torch.tensor([[1, 0], [5, 7]], dtype=torch.int64, device=device)
+    got = compact_tokens(xi, xi[0])
+    assert torch.equal(got, compact_tokens_reference(xi, xi[0].clone()))

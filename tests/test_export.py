@@ -28,7 +28,7 @@ from adsc_ext.export import ExportError, OnnxRunner, export_onnx, load_manifest 
 from adsc_ext.export import _plugin  # noqa: E402
 from adsc_ext.export.manifest import GRAPH_FILES, MANIFEST_NAME  # noqa: E402
 from adsc_ext.hf import apply_adsc  # noqa: E402
-from adsc_ext.hf.tiny import TinyProcessor, tiny_llava  # noqa: E402
+from adsc_ext.testing import TinyProcessor, tiny_llava  # noqa: E402
 from adsc_ext.models import AdscInputError, AdscModelError  # noqa: E402
 from adsc_ext.schedule import Schedule, ScheduleError  # noqa: E402
 
@@ -483,3 +483,27 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "model_type 'llava'" in error("--model", str(llama), "--out", str(tmp_path / "o5"))
     assert "--check-tokens" in error("--check-tokens", "0")
     assert not any((tmp_path / d).exists() for d in ("o1", "o2", "o3", "o4", "o5"))
+
+
+def test_plugin_export_with_external_weights_runs(exported, tmp_path):
+    """A plugin-compaction prefill whose weights live in a .data file (as every graph over 2 GB does)
+    runs on ONNX Runtime: the runner does not pull the weights into the graph's bytes."""
+    import shutil
+
+    import onnx
+
+    if exported.manifest["compaction"] != "plugin":
+        pytest.skip("plugin compaction only")
+    folder = tmp_path / "ext"
+    shutil.copytree(exported.folder, folder)
+    prefill = folder / GRAPH_FILES["prefill"]
+    g = onnx.load(str(prefill))
+    onnx.save(g, str(prefill), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=prefill.name + ".data")  # onnx's default threshold: weights out, small constants in
+    from adsc_ext.export.runner import _with_plugin_reference
+
+    data = (folder / (prefill.name + ".data")).stat().st_size
+    assert len(_with_plugin_reference(prefill)) < data  # the weights are not in the bytes ORT is given
+    reqs, _ = make_requests(exported.reference)
+    want = exported.runner.generate(reqs, max_new_tokens=3)
+    assert OnnxRunner(folder).generate(reqs, max_new_tokens=3) == want

@@ -10,7 +10,7 @@ from adsc_ext import stage_plan  # noqa: E402
 from adsc_ext.baselines import FastV, budget_keep  # noqa: E402
 from adsc_ext.baselines.fastv import top_attention  # noqa: E402
 from adsc_ext.hf import apply_adsc  # noqa: E402
-from adsc_ext.hf.tiny import TinyProcessor, tiny_llava  # noqa: E402
+from adsc_ext.testing import TinyProcessor, tiny_llava  # noqa: E402
 
 NEW = 5
 
@@ -110,6 +110,79 @@ def test_top_attention_keeps_order_and_count():
     assert top_attention(scores, is_img, 2, 4).tolist() == [[0, 1, 3, 5]]
     assert top_attention(scores, is_img, 4, 4).tolist() == [[0, 1, 2, 3, 4, 5]]
     assert top_attention(scores, is_img, 0, 4).tolist() == [[0, 5]]
+    # ties go to the earlier token; two adjacent images are two groups
+    scores = torch.tensor([[1.0, 1, 1, 1, 3, 2, 2, 0]])
+    is_img = torch.tensor([[True] * 8])
+    assert top_attention(scores, is_img, 2, 4).tolist() == [[0, 1, 4, 5]]
+
+
+def _top_attention_reference(scores, image_mask, keep, tpi):
+    """The rule written plainly: per row, per image (tpi consecutive image tokens), topk."""
+    rows = []
+    for b in range(scores.shape[0]):
+        img = image_mask[b].nonzero()[:, 0]
+        kept = [(~image_mask[b]).nonzero()[:, 0]]
+        for i in range(0, img.numel(), tpi):
+            pos = img[i:i + tpi]
+            kept.append(pos[scores[b, pos].topk(min(keep, tpi)).indices])
+        rows.append(torch.cat(kept).sort().values)
+    width = max(r.numel() for r in rows)
+    return torch.stack([torch.cat([torch.full((width - r.numel(),), -1), r]) for r in rows])
+
+
+@pytest.mark.parametrize("keep", [0, 1, 5, 15, 16])
+def test_top_attention_equals_the_plain_rule(keep):
+    """Rows with 0, 1, 2 and 3 images (adjacent or apart) at random places, random scores, any keep."""
+    g = torch.Generator().manual_seed(keep)
+    T, masks = 70, []
+    for n_img, starts in ((0, []), (1, [7]), (2, [0, 16]), (3, [3, 30, 54])):
+        m = torch.zeros(T, dtype=torch.bool)
+        for st in starts:
+            m[st:st + 16] = True
+        masks.append(m)
+    image_mask = torch.stack(masks)
+    scores = torch.rand(4, T, generator=g)
+    got = top_attention(scores, image_mask, keep, 16)
+    assert got.tolist() == _top_attention_reference(scores, image_mask, keep, 16).tolist()
+    assert top_attention(scores[:0], image_mask[:0], keep, 16).shape == (0, 0)  # an empty batch
+
+
+def test_only_the_scoring_layer_runs_eager(model):
+    """Layer K-1 returns attention weights (eager); every other layer runs the model's SDPA (no
+    weights), in the prefill and in the decode steps, and the teacher-forced forward."""
+    ids, pix = batch(model)
+    fv = FastV(model, layer=3, keep=4)
+    layers = model.model.language_model.layers
+    seen = []
+    hooks = [layers[i].self_attn.register_forward_hook(lambda m, a, out, i=i: seen.append((i, out[1] is not None)))
+             for i in range(len(layers))]
+    try:
+        fv.generate(ids, pix, 2)
+        with torch.no_grad():
+            fv.forward(ids, None, pix)
+    finally:
+        for h in hooks:
+            h.remove()
+    prefill = [(i, i == 2) for i in range(6)]
+    assert seen == prefill + [(i, False) for i in range(6)] + prefill
+
+
+def test_the_query_token_is_always_kept(model):
+    """A prompt that ends inside an image: its last token (FastV's query) is kept whatever its score,
+    so the prefill's last slot is still the prompt's last token."""
+    proc = TinyProcessor(model.config)
+    side = model.config.vision_config.image_size
+    pix = proc.images(list(torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(1))))
+    ids = torch.tensor([proc.encode("ab<image>", 1)])
+    n = ids.shape[1]
+    fv = FastV(model, layer=2, keep=2)
+    _, logits = fv.generate(ids, pix, 1, return_logits=True)
+    kept = fv.last_kept[0]
+    assert int(kept[-1]) == n - 1 and {0, 1} <= set(kept.tolist())
+    assert (kept >= 0).sum() in (n - 14, n - 13)
+    with torch.no_grad():
+        out = fv.forward(ids, None, pix)
+    torch.testing.assert_close(out.logits[:, -1], logits[:, 0], atol=1e-4, rtol=0)
 
 
 def test_bad_input(model):
@@ -123,15 +196,48 @@ def test_bad_input(model):
     stray[1, 1] = model.config.image_token_id
     with pytest.raises(ValueError, match="row 1: image tokens must form whole images of 4x4 = 16 tokens; got a run of 1"):
         fv.generate(stray, pix)
-    uneven = ids.clone()
-    uneven[1][uneven[1] == model.config.image_token_id] = 5
-    with pytest.raises(ValueError, match=r"same number of images in every row, got \[1, 0\]"):
-        fv.generate(uneven, pix)
+    with pytest.raises(ValueError, match=r"\[B, n\] tensor"):
+        fv.generate(ids[:, :0], pix)
     with pytest.raises(ValueError, match=r"keep must be in \[0, 16\]"):
         FastV(model, layer=2, keep=17)
     with pytest.raises(ValueError, match=r"pruning layer must be in \[1, 5\], got 6"):
         FastV(model, layer=6)
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
         fv.generate(ids, pix, 0)
     # layers 0-1 see 16 image tokens, 2-3 see 8, 4-5 see 4: FastV keeps (56 - 2 * 16) / 4 = 6
     assert FastV(model, layer=2, schedule="2:2,4:2").keep == 6
+
+
+def test_rows_of_any_length_and_image_count_equal_each_alone(model):
+    """A left-padded batch of requests (the engine's form) with 1, 0 and 2 images and different
+    lengths: each row gets what it gets alone (spec 6.3), pruned by the attention rule, and the
+    tensor shorthand of equal rows with different image counts works too."""
+    proc = TinyProcessor(model.config)
+    side = model.config.vision_config.image_size
+    pix = proc.images(list(torch.rand(3, 3, side, side, generator=torch.Generator().manual_seed(4))))
+    reqs = [dict(input_ids=torch.tensor(proc.encode("ab<image>cd", 1)), pixel_values=pix[:1]),
+            dict(input_ids=torch.tensor(proc.encode("plain text row", 0)), pixel_values=None),
+            dict(input_ids=torch.tensor(proc.encode("x<image><image>y?", 2)), pixel_values=pix[1:])]
+    fv = FastV(model, layer=2, keep=5)
+    batch = fv.generate(reqs, max_new_tokens=NEW, return_logits=True)
+    kept = fv.last_kept
+    assert kept.shape[0] == 3 and (kept[1] >= 0).sum() == reqs[1]["input_ids"].numel()  # no image: all kept
+    assert (kept[2] >= 0).sum() == reqs[2]["input_ids"].numel() - 2 * (16 - 5)
+    for r, (toks, logits) in zip(reqs, batch):
+        (alone_toks, alone_logits), = fv.generate([r], max_new_tokens=NEW, return_logits=True)
+        assert toks == alone_toks
+        torch.testing.assert_close(logits, alone_logits, rtol=1e-4, atol=1e-4)
+    n = reqs[0]["input_ids"].numel()
+    rows = torch.stack([reqs[0]["input_ids"], torch.tensor(proc.encode("a" * (n - 1), 0))])  # 1 and 0 images
+    out = fv.generate(rows, pix[:1], NEW)
+    assert out.tolist() == [batch[0][0], fv.generate([dict(input_ids=rows[1])], max_new_tokens=NEW)[0]]
+
+
+def test_other_architectures_are_refused_in_one_line():
+    """FastV's budget is per image of one grid: a Qwen-VL model is refused with a clear error, not an
+    AttributeError from the spec."""
+    from adsc_ext.errors import AdscModelError
+    from adsc_ext.testing.qwen import tiny_qwen
+
+    with pytest.raises(AdscModelError, match="FastV baseline runs LLaVA-1.5"):
+        FastV(tiny_qwen("qwen2_5_vl", num_layers=4))

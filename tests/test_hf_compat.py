@@ -10,7 +10,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from adsc_ext.hf import AdscCache, _compat, apply_adsc  # noqa: E402
-from adsc_ext.hf.tiny import tiny_llava  # noqa: E402
+from adsc_ext.testing import tiny_llava  # noqa: E402
 from adsc_ext.models import attention_inputs, attention_output, llava_spec, text_model  # noqa: E402
 from adsc_ext.models.llava import rotary  # noqa: E402
 
@@ -49,6 +49,13 @@ def test_item2_cache_argument_names():
     name = _compat.cache_kwarg(model)
     assert name in _compat.forward_parameters(model), f"transformers {V}: LLaVA's forward cache argument (item 2)"
     assert _compat.cache_kwarg(text_model(model).layers[0]) in _compat.CACHE_KWARGS
+    # the output's field of the same name holds the cache the model returns (read without a warning)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+    assert name in out.__dataclass_fields__, f"transformers {V}: LLaVA's output has no {name!r} field (item 2)"
+    cache = _compat.output_cache(out)
+    assert cache is not None and cache.get_seq_length() == 3
 
 
 def test_item4_dynamic_cache_batch_methods():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
-from adsc_ext.hf.tiny import tiny_llava  # noqa: E402
+from adsc_ext.testing import tiny_llava  # noqa: E402
 from adsc_ext.models import (  # noqa: E402
     AdscInputError,
     AdscModelError,
@@ -83,3 +83,87 @@ def test_embed_with_images_and_runs():
         count_images([1, tok, tok, tok, 2], spec)
     with pytest.raises(AdscInputError, match="4 image tokens but the images give 8"):
         embed_with_images(model, ids, torch.randn(2, 3, spec.image_size, spec.image_size))
+
+
+# ---- the model spec interface and its registry (issue 20, item 3) ---------------------------------
+def test_model_spec_dispatches_on_the_hf_class_and_looks_through_peft():
+    from adsc_ext.models import LlavaSpec, model_spec, registered_architectures
+
+    model = tiny_llava(grid_side=3, num_layers=5)
+    spec = model_spec(model)
+    assert isinstance(spec, LlavaSpec) and spec.model is model and spec == llava_spec(model)
+    assert "LlavaForConditionalGeneration" in registered_architectures()
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert model_spec(wrapped).model is model
+    with pytest.raises(AdscModelError, match="LlavaForConditionalGeneration.*got torch.nn.modules.linear.Linear"):
+        model_spec(torch.nn.Linear(2, 2))
+
+
+def test_a_registered_architecture_is_found_for_its_subclasses():
+    from adsc_ext.models import base
+
+    class Fake(torch.nn.Module):
+        pass
+
+    class FakeChild(Fake):
+        pass
+
+    seen = []
+
+    @base.register_model_spec("Fake")
+    class FakeSpec(base.ModelSpec):
+        @classmethod
+        def from_model(cls, model):
+            seen.append(model)
+            return cls()
+
+    try:
+        m = FakeChild()
+        assert isinstance(base.model_spec(m), FakeSpec) and seen == [m]
+    finally:
+        base._REGISTRY.pop("Fake")
+
+
+def test_spec_operations_equal_the_models_modules():
+    from adsc_ext.models import model_spec
+
+    model = tiny_llava(seed=2, grid_side=2, num_layers=3)
+    spec = model_spec(model)
+    text = text_model(model)
+    h = torch.randn(2, 5, spec.hidden_size)
+    with torch.no_grad():
+        assert torch.equal(spec.logits(h), model.lm_head(text.norm(h)))
+        pos = torch.arange(5).expand(2, 5)
+        assert all(torch.equal(a, b) for a, b in zip(spec.rotary(h, pos), text.rotary_emb(h, pos)))
+    assert list(spec.layers) == list(text.layers)
+    assert spec.prompt_grids(torch.tensor([1, *[spec.image_token_id] * 8, 2])) == [(2, 2), (2, 2)]
+    assert spec.stage_lengths(spec.resolve_schedule("1:2")[0], 11, [(2, 2), (2, 2)]) == [11, 7]
+    facts = spec.unbound()
+    assert facts == spec and facts.model is None
+    with pytest.raises(AdscModelError, match="does not hold"):
+        facts.logits(h)
+
+
+def test_default_schedules_follow_spec_section_2():
+    from adsc_ext.models import default_schedule, model_spec
+    from adsc_ext.schedule import LLAVA15_DEFAULT, ScheduleError
+
+    assert default_schedule(28) == "7:2,14:2,21:2"  # Qwen2.5-VL-7B's 28 layers
+    assert default_schedule(32) == "8:2,16:2,24:2" and default_schedule(3) == "1:2,2:2"
+    spec = model_spec(tiny_llava(grid_side=4, num_layers=6))
+    assert spec.default_schedule() == LLAVA15_DEFAULT  # LLaVA-1.5's own, whatever the depth
+    with pytest.raises(ScheduleError, match="does not fit"):
+        spec.resolve_schedule()
+
+
+def test_spec_from_an_export_manifest_has_the_facts_only():
+    from adsc_ext.models import LlavaSpec
+
+    model = tiny_llava(grid_side=3, num_layers=2)
+    spec = llava_spec(model)
+    man = {"grid": list(spec.grid), "image_token_id": spec.image_token_id, "image_size": spec.image_size,
+           "model": {k: getattr(spec, k) for k in ("num_layers", "hidden_size", "num_heads", "num_kv_heads",
+                                                   "head_dim", "vocab_size", "max_positions", "rms_norm_eps",
+                                                   "scaling")}}
+    assert LlavaSpec.from_manifest(man) == spec and LlavaSpec.from_manifest(man).model is None

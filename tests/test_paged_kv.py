@@ -127,3 +127,24 @@ def test_meta_caches_with_cpu_keys_raise():
         write_paged_kv(key.to("meta"), value.to("meta"), kc.to("meta"), vc.to("meta"),
                        slots.int().to("meta"))
     write_paged_kv(key.to("meta"), value.to("meta"), kc.to("meta"), vc.to("meta"), slots.to("meta"))
+
+
+# ---- hardening (issue 18): a slot mapping that lives inside a cache ----------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_slot_mapping_inside_a_cache_is_refused(device):
+    # The first rows written rewrote the slots still to be read: a write anywhere (a segfault).
+    key = torch.full((2, 1, 2), 2**40, dtype=torch.int64, device=device)
+    kc = torch.zeros(2, 4, 1, 2, dtype=torch.int64, device=device)
+    vc = torch.zeros_like(kc)
+    slots = kc.view(-1)[:2]
+    slots.copy_(torch.tensor([0, 1], device=device))
+    before = (kc.clone(), vc.clone())
+    with pytest.raises(ValueError, match="write_paged_kv: key_cache and slot_mapping overlap in memory"):
+        write_paged_kv(key, key.clone(), kc, vc, slots)
+    with pytest.raises(ValueError, match="value_cache and slot_mapping overlap"):
+        write_paged_kv(key, key.clone(), kc, vc, vc.view(-1)[6:8])
+    assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])  # nothing written
+    write_paged_kv(key, key.clone(), kc, vc, slots.clone())  # a copy is fine
+    want_k, want_v = before[0].clone(), before[1].clone()
+    write_paged_kv_reference(key, key.clone(), want_k, want_v, torch.tensor([0, 1], device=device))
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)

@@ -229,6 +229,131 @@ def test_opcheck_plan_ops():
                           (p["input_ids"], p["attention_mask"], None, IMG, 2, 2, [2, 2], True))
 
 
+# ---- spans with newline tokens (LLaVA-NeXT / OneVision anyres) and per-image grids ----------------
+def check_spans(schedule, batch, spans, **kw):
+    got = stage_plan(schedule, image_spans=spans, **batch, **kw)
+    want = stage_plan_reference(schedule, image_spans=spans.cpu(),
+                                **{k: v.cpu() for k, v in batch.items()}, **kw)
+    assert_plans_equal(got, want)
+    return got
+
+
+def test_kept_image_indices_with_newlines():
+    """Spec section 3, by hand: a 2x3 grid + newlines is offsets 0 1 2 [3] / 4 5 6 [7]."""
+    assert kept_image_indices((2, 3), "1:2", newline=True) == [
+        [0, 1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 5, 6, 7]]          # columns 1, 2 + both newlines
+    assert kept_image_indices((2, 3), "1:2,2:2,3:2", newline=True)[1:] == [
+        [1, 2, 3, 5, 6, 7], [2, 3, 6, 7], [6, 7]]               # 2x2 -> width; 2x1 -> rows
+    assert kept_image_indices((2, 3), "1:4", newline=True)[1] == [5, 6, 7]
+    # without newline: raster indices, as before
+    assert kept_image_indices((2, 3), "1:4")[1] == [4, 5]
+    # the newline column never counts as a column: 3x2 + newline halves its rows (h > w)
+    assert kept_image_indices((3, 2), "1:2", newline=True)[1] == [3, 4, 5, 6, 7, 8]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_newline_spans_worked_example(device):
+    """A 2x3 grid + newlines at positions 1..8 of a 10-token sequence."""
+    cu = torch.tensor([0, 10], dtype=torch.int32, device=device)
+    spans = torch.tensor([[0, 1, 2, 3, 1]], device=device)
+    for schedule, last in [("1:2", [0, 2, 3, 4, 6, 7, 8, 9]), ("1:2,2:2", [0, 3, 4, 7, 8, 9]),
+                           ("1:2,2:2,3:2", [0, 7, 8, 9]), ("1:4", [0, 6, 7, 8, 9])]:
+        plan = check_spans(schedule, dict(cu_seqlens=cu), spans)
+        assert plan.stages[-1].position_ids.tolist() == last
+    # newline = 0 in a 5-column span is the plain 4-column span
+    plain = torch.tensor([[0, 1, 2, 3]], device=device)
+    a = stage_plan("1:2,2:2", cu_seqlens=cu, image_spans=plain)
+    b = stage_plan("1:2,2:2", cu_seqlens=cu, image_spans=torch.cat([plain, plain[:, :1] * 0], 1))
+    assert_plans_equal(a, b)
+
+
+def random_span_batch(rng, schedule, max_seqs=5, newline_share=0.5, grids=None):
+    """Sequences of text and spans of their own grids (some with newline tokens), grids the
+    schedule can downsample."""
+    schedule = Schedule.coerce(schedule)
+    seqs, spans = [], []
+    for b in range(rng.randint(1, max_seqs)):
+        n = 0
+        for _ in range(rng.randint(0, 4)):
+            h, w = rng.choice(grids) if grids else (rng.randint(2, 7), rng.randint(2, 7))
+            try:
+                schedule.grids((h, w))
+            except ScheduleError:
+                continue
+            if rng.random() < 0.5:
+                nl = int(rng.random() < newline_share)
+                spans.append([b, n, h, w, nl])
+                n += h * (w + nl)
+            else:
+                n += rng.randint(1, 4)
+        seqs.append([1] * n)
+    return seqs, torch.tensor(spans, dtype=torch.int64).reshape(-1, 5)
+
+
+def layout_only(batch):
+    """A batch's layout tensors (cu_seqlens or attention_mask): spans give the images."""
+    return {k: v for k, v in batch.items() if k != "input_ids"}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("schedule", ["1:2", "1:4", "1:2,2:2", "2:4,3:2", ""])
+def test_mixed_newline_and_plain_spans_packed_and_padded(device, schedule):
+    """Newline and plain spans of different grids in one packed and one padded batch (both
+    padding sides, also with padding inside the rows): bit for bit against the reference."""
+    rng = random.Random(len(schedule) * 7 + 1)
+    for _ in range(8):
+        seqs, spans = random_span_batch(rng, schedule)
+        spans = spans.to(device)
+        check_spans(schedule, layout_only(packed(seqs, device)), spans)
+        for side in ("left", "right", "holes"):
+            batch = layout_only(padded(seqs, side, extra=rng.randint(0, 2), device=device, rng=rng))
+            for out_side in ("left", "right"):
+                check_spans(schedule, batch, spans, padding_side=out_side)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_plain_spans_of_different_grids_per_image(device):
+    """[N, 4] spans: every image its own grid (Qwen2-VL's dynamic resolution), odd sides too."""
+    rng = random.Random(12)
+    grids = [(1, 2), (3, 1), (2, 2), (3, 5), (7, 4), (6, 6), (2, 9)]
+    for _ in range(10):
+        seqs, spans = random_span_batch(rng, "1:2", newline_share=0.0, grids=grids)
+        assert not spans[:, 4].any()
+        spans = spans[:, :4].contiguous().to(device)
+        check_spans("1:2", layout_only(packed(seqs, device)), spans)
+        check_spans("1:2", layout_only(padded(seqs, "left", extra=1, device=device)), spans)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_span_inputs_non_contiguous_int32_and_empty(device):
+    rng = random.Random(13)
+    seqs, spans = random_span_batch(rng, "1:2", max_seqs=4)
+    while spans.shape[0] < 3 or not spans[:, 4].any():  # a few spans, some with newlines
+        seqs, spans = random_span_batch(rng, "1:2", max_seqs=4)
+    batch = layout_only(packed(seqs, device))
+    want = stage_plan_reference("1:2", image_spans=spans, **{k: v.cpu() for k, v in batch.items()})
+    wide = torch.zeros(spans.shape[0], 7, dtype=torch.int64)
+    wide[:, 1:6] = spans
+    strided = wide.to(device)[:, 1:6]  # rows of stride 7: not contiguous
+    assert not strided.is_contiguous()
+    for given in (strided, spans.to(torch.int32).to(device), spans.t().contiguous().t().to(device)):
+        assert_plans_equal(stage_plan("1:2", image_spans=given, **batch), want)
+    # No spans at all: every token is text, in both column counts.
+    for cols in (4, 5):
+        empty = torch.zeros(0, cols, dtype=torch.int64, device=device)
+        plan = check_spans("1:2,2:4", batch, empty)
+        assert [s.num_tokens for s in plan.stages] == [sum(map(len, seqs))] * 3
+
+
+def test_opcheck_plan_ops_with_newline_spans():
+    spans = torch.tensor([[0, 1, 2, 3, 1], [1, 0, 2, 2, 0]])
+    cu = torch.tensor([0, 10, 14], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.adsc.stage_plan_packed, (None, cu, spans, 14, -1, 1, 1, [2, 2]))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 4:] = False
+    torch.library.opcheck(torch.ops.adsc.stage_plan_padded, (None, mask, spans, -1, 1, 1, [4], False))
+
+
 # ---- properties --------------------------------------------------------------------------------
 
 @st.composite
@@ -260,6 +385,58 @@ def test_plan_matches_reference_property(case):
     else:
         batch = padded(seqs, layout, extra=rng.randint(0, 3), rng=rng)
     check(schedule, grid, batch, padding_side=out_side)
+
+
+@st.composite
+def span_cases(draw):
+    """Spans of random grids (sides 1..6, 1-wide ones included) with and without newline tokens,
+    in any layout; grids the schedule cannot downsample are dropped from the batch."""
+    steps, layer = [], 0
+    for factor in draw(st.lists(st.sampled_from([2, 4]), max_size=3)):
+        layer += draw(st.integers(1, 3))
+        steps.append((layer, factor))
+    schedule = Schedule.coerce(steps)
+    rng = random.Random(draw(st.integers(0, 2**31)))
+    seqs, spans = [], []
+    for b in range(draw(st.integers(0, 4))):
+        n = 0
+        for _ in range(rng.randint(0, 4)):
+            h, w, nl = rng.randint(1, 6), rng.randint(1, 6), rng.randint(0, 1)
+            try:
+                schedule.grids((h, w))
+            except ScheduleError:
+                n += rng.randint(0, 3)  # text instead
+                continue
+            spans.append([b, n, h, w, nl])
+            n += h * (w + nl) + rng.randint(0, 2)
+        seqs.append([1] * n)
+    columns = draw(st.sampled_from([4, 5])) if not any(s[4] for s in spans) else 5
+    spans = torch.tensor(spans, dtype=torch.int64).reshape(-1, 5)[:, :columns].contiguous()
+    layout = draw(st.sampled_from(["packed", "left", "right", "holes"]))
+    out_side = draw(st.sampled_from(["left", "right"]))
+    return schedule, seqs, spans, layout, out_side, rng
+
+
+def span_batch(seqs, layout, rng, device="cpu"):
+    if layout == "packed":
+        return layout_only(packed(seqs, device))
+    return layout_only(padded(seqs, layout, extra=rng.randint(0, 2), device=device, rng=rng))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(span_cases())
+def test_span_plan_matches_reference_property(case):
+    schedule, seqs, spans, layout, out_side, rng = case
+    check_spans(schedule, span_batch(seqs, layout, rng), spans, padding_side=out_side)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@settings(max_examples=60, deadline=None)
+@given(span_cases())
+def test_span_plan_cuda_matches_reference_property(case):
+    schedule, seqs, spans, layout, out_side, rng = case
+    check_spans(schedule, span_batch(seqs, layout, rng, "cuda"), spans.cuda(), padding_side=out_side)
 
 
 @pytest.mark.cuda

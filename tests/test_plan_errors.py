@@ -211,3 +211,95 @@ def test_limits_come_from_the_compiled_core():
     ids, cu = ids_cu([[1, IMG, IMG, IMG, IMG, 2]])
     plan = stage_plan("1:2", input_ids=ids, cu_seqlens=cu, image_token_id=IMG, grid=(2, 2))
     assert [st.num_tokens for st in plan.stages] == [6, 4]
+
+
+# ---- hardening (issue 18, "smaller") ---------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_input_ids_and_image_spans_together_are_refused(device):
+    # The spans silently won over the token ids (the C ABI refuses both): refused, same words.
+    ids, cu = ids_cu([[1, IMG, IMG, IMG, IMG, 2]], device)
+    spans = torch.tensor([[0, 0, 2, 2]], device=device)
+    both_raise(ValueError, r"give either input_ids \(images are runs of image_token_id\) or "
+               r"image_spans, not both", input_ids=ids, cu_seqlens=cu, image_spans=spans,
+               image_token_id=IMG, grid=(2, 2))
+    both_raise(ValueError, "not both", input_ids=ids.view(1, 6), image_spans=spans,
+               attention_mask=torch.ones(1, 6, dtype=torch.bool, device=device))
+    # Each alone is fine (and the two describe different images here).
+    a = stage_plan("1:2", input_ids=ids, cu_seqlens=cu, image_token_id=IMG, grid=(2, 2))
+    b = stage_plan("1:2", cu_seqlens=cu, image_spans=spans)
+    assert a.stages[1].position_ids.tolist() == [0, 2, 4, 5]
+    assert b.stages[1].position_ids.tolist() == [1, 3, 4, 5]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_image_token_id_must_be_an_int_in_int64(device):
+    ids, cu = ids_cu([[1, IMG, IMG, IMG, IMG, 2]], device)
+    common = dict(input_ids=ids, cu_seqlens=cu, grid=(2, 2))
+    # 9.7 was truncated to 9 (and found the image); 2**70 ended in an unreadable overflow message.
+    both_raise(TypeError, r"image_token_id must be an int, got float 9\.7", image_token_id=9.7, **common)
+    both_raise(TypeError, r"image_token_id must be an int, got float 9\.0", image_token_id=9.0, **common)
+    both_raise(TypeError, r"image_token_id must be an int, got bool True", image_token_id=True, **common)
+    both_raise(TypeError, r"image_token_id must be an int, got str '9'", image_token_id="9", **common)
+    both_raise(ValueError, r"image_token_id must fit int64 \(-9223372036854775808 \.\. "
+               r"9223372036854775807\), got 1180591620717411303424", image_token_id=2**70, **common)
+    both_raise(ValueError, r"must fit int64 .* got -9223372036854775809", image_token_id=-2**63 - 1,
+               **common)
+    # Integers of any kind are fine, the int64 extremes included.
+    import numpy as np
+
+    for token in (IMG, np.int64(IMG), np.int32(IMG), torch.tensor(IMG)):
+        plan = stage_plan("1:2", image_token_id=token, **common)
+        assert plan.stages[1].num_tokens == 4
+    for token in (2**63 - 1, -2**63):
+        assert stage_plan("1:2", image_token_id=token, **common).stages[1].num_tokens == 6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_span_errors_print_int64_fields_exactly(device):
+    # The C++ messages printed these fields through int32 (2**40 read as 0, 2**33 + 1 as 1).
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=device)
+    cases = [
+        ([[1, 2**40, 2, 2]], r"image span 0 \(sequence 1, start 1099511627776, 2x2\) does not fit"),
+        ([[2**33 + 1, 0, 1, 2]], r"\(sequence 8589934593, start 0, 1x2\) does not fit"),
+        ([[0, 0, 2**35, -2**40]], r"\(sequence 0, start 0, 34359738368x-1099511627776\)"),
+        ([[1, -2**62, 1, 2]], r"start -4611686018427387904,"),
+        ([[1, 0, 1, 2, 2**41]], r"image span 0 has newline = 2199023255552: expected 0"),
+    ]
+    for spans, match in cases:
+        both_raise(ValueError, match, cu_seqlens=cu,
+                   image_spans=torch.tensor(spans, dtype=torch.int64, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_newline_spans(device):
+    cu = torch.tensor([0, 4, 13], dtype=torch.int32, device=device)
+    cases = [
+        # 2x3 + a newline per row = 8 tokens: from position 2 of a 9-token sequence it does not fit
+        ([[1, 2, 2, 3, 1]], r"image span 0 \(sequence 1, start 2, 2x3 with a newline token per "
+                            r"row\) does not fit.* start \+ h\*\(w\+1\) <= the sequence's length \(9\)"),
+        ([[1, 0, 2, 2, 2]], r"image span 0 has newline = 2: expected 0 \(an h x w grid\) or 1"),
+        ([[1, 0, 2, 2, -1]], r"has newline = -1"),
+        # the newline tokens count in the order check: span 1 starts on span 0's last newline
+        ([[1, 0, 2, 2, 1], [1, 5, 1, 2, 0]], r"span 1 starts at \(sequence 1, position 5\), before "
+                                             r"the end of the previous span \(sequence 1, position 6\)"),
+        # a 1-wide grid: 2x1 halves its rows once; the second step would halve a side of 1
+        ([[1, 0, 2, 1, 1]], r"image span 0 has a 2x1 grid that the schedule cannot downsample"),
+    ]
+    for spans, match in cases:
+        both_raise(ValueError, match, schedule="1:2,2:2", cu_seqlens=cu,
+                   image_spans=torch.tensor(spans, dtype=torch.int64, device=device))
+    plan = stage_plan("1:2", cu_seqlens=cu, image_spans=torch.tensor([[1, 0, 2, 1, 1]], device=device))
+    assert plan.stages[1].seq_lens.tolist() == [4, 9 - 2]  # row 0 (token + newline) dropped
+
+
+def test_image_spans_shape_errors():
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    for shape in [(1, 3), (1, 6), (5,)]:
+        with pytest.raises(ValueError, match=r"image_spans must be \[N, 4\] .* or \[N, 5\] with a "
+                                             r"newline flag"):
+            stage_plan("1:2", cu_seqlens=cu, image_spans=torch.zeros(shape, dtype=torch.int64))
+    op = torch.ops.adsc.stage_plan_packed
+    with pytest.raises(ValueError, match=r"image_spans must be \[N, 4\] .* or \[N, 5\]"):
+        op(None, cu, torch.zeros(1, 6, dtype=torch.int64), 4, -1, 1, 1, [2])
+    with pytest.raises(TypeError, match="image_spans must be an int64"):
+        op(None, cu, torch.zeros(1, 5), 4, -1, 1, 1, [2])

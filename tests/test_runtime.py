@@ -7,7 +7,7 @@ pytest.importorskip("transformers")
 import torch  # noqa: E402
 
 from adsc_ext.hf import apply_adsc  # noqa: E402
-from adsc_ext.hf.tiny import TinyProcessor, tiny_llava  # noqa: E402
+from adsc_ext.testing import TinyProcessor, tiny_llava  # noqa: E402
 from adsc_ext.runtime import (  # noqa: E402
     Attention, Engine, EngineInputError, KVCapacityError, StagedKVPool, select_backend,
 )
@@ -146,12 +146,13 @@ def test_pools_are_sized_per_stage_and_kv_saving_is_real(model, block_size):
     base = Engine(model, "", block_size=block_size)
     eng.generate(reqs, max_new_tokens=new)
     base.generate(reqs, max_new_tokens=new)
-    pool = eng.last_pool
+    pool = eng.pool_for(reqs, new)  # what generate allocated for the call
     lens = [eng.stage_lengths(r["input_ids"]) for r in reqs]
     for s, sp in enumerate(pool.pools):
         want = sum(-(-(L[s] + new) // block_size) for L in lens)
-        assert sp.num_blocks == want
+        assert sp.num_blocks == want == eng.stats["pool_blocks"][s]
         assert sp.layers == [l for l in range(6) if eng.stage_of_layer[l] == s]
+    assert eng.stats["pool_bytes"] == pool.total_bytes()
     assert eng.stats["peak_kv_bytes"] == pool.total_bytes() < base.stats["peak_kv_bytes"]
     if block_size == 1:  # no rounding: exactly the analytic KV bytes of spec section 5
         per_tok = eng.kv_bytes_per_token()
@@ -160,6 +161,39 @@ def test_pools_are_sized_per_stage_and_kv_saving_is_real(model, block_size):
         ratio = eng.analytic_kv_tokens(reqs, new) / base.analytic_kv_tokens(reqs, new)
         assert eng.stats["peak_kv_bytes"] / base.stats["peak_kv_bytes"] == pytest.approx(ratio)
         assert ratio < 0.85
+    # a request's own max_new_tokens counts, as in pool_blocks_for (the pools it allocates)
+    own = [dict(r, max_new_tokens=2 + i) for i, r in enumerate(reqs)]
+    per_layer = [sum(L[eng.stage_of_layer[l]] + 2 + i for i, L in enumerate(lens)) for l in range(6)]
+    assert eng.analytic_kv_tokens(own, new) == sum(per_layer)
+
+
+def test_a_calls_pool_does_not_outlive_the_call(monkeypatch, model):
+    """Fresh pools are the call's: once generate returns (or fails), nothing holds them, so resident
+    memory does not grow between calls; a persistent pool (num_blocks) stays, emptied."""
+    import gc
+    import weakref
+
+    from adsc_ext.runtime import engine as E
+
+    made = []
+    new_pool = E.Engine._new_pool
+    monkeypatch.setattr(E.Engine, "_new_pool", lambda self, nb: (made.append(new_pool(self, nb)), made[-1])[1])
+    reqs, _ = requests(model)
+    eng = Engine(model, SCHED, block_size=4)
+    eng.generate(reqs, max_new_tokens=3)
+    refs = [weakref.ref(p) for p in made]
+    made.clear()
+    gc.collect()
+    assert refs and all(r() is None for r in refs)
+    with pytest.raises(RuntimeError, match="boom"):
+        eng.generate(reqs, max_new_tokens=3, progress=lambda done, total: (_ for _ in ()).throw(RuntimeError("boom")))
+    refs = [weakref.ref(p) for p in made]
+    made.clear()
+    gc.collect()
+    assert refs and all(r() is None for r in refs)
+    fixed = Engine(model, SCHED, block_size=4, num_blocks=[40, 30, 20])
+    fixed.generate(reqs, max_new_tokens=3)
+    assert fixed.pool.tables == {}
 
 
 def test_fixed_pool_blocks_freed_after_finish(model):
@@ -268,7 +302,8 @@ def test_generate_is_not_reentrant(model):
 
 
 class _DevicePathSpy:
-    """Counts, per call of the engine's prefill / decode step, what reaches the device path:
+    """Counts, per prefill / decode step of the generation loop (the engine's step and the pick), what
+    reaches the device path:
     tensors made from host data (``aten.lift_fresh``: ``torch.tensor(list)``; 0-dim scalars aside), host reads
     (``aten._local_scalar_dense``: ``int(t)``, ``.item()``; and ``Tensor.tolist``), and uploads
     (the engine's one-copy ``_upload`` / ``_upload_pixels``). The host-side layout builders are
@@ -277,6 +312,7 @@ class _DevicePathSpy:
     def __init__(self, monkeypatch):
         from torch.utils._python_dispatch import TorchDispatchMode
 
+        from adsc_ext.generation import Generator
         from adsc_ext.runtime import engine as E
 
         self.calls = []  # one dict per prefill / decode step
@@ -295,11 +331,11 @@ class _DevicePathSpy:
 
         self.mode = Mode
 
-        def phase(name, fn):
-            def wrapped(*a, **k):
-                self.calls.append(dict(phase=name, host_tensors=0, syncs=0, reads=0, uploads=0, layouts=0))
+        def phases(fn):
+            def wrapped(self_, phase, seqs):
+                self.calls.append(dict(phase=phase, host_tensors=0, syncs=0, reads=0, uploads=0, layouts=0))
                 with Mode():
-                    return fn(*a, **k)
+                    return fn(self_, phase, seqs)
             return wrapped
 
         def host(fn, counter=None):
@@ -321,8 +357,7 @@ class _DevicePathSpy:
             return tolist(t)
 
         monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
-        monkeypatch.setattr(E.Engine, "_prefill", phase("prefill", E.Engine._prefill))
-        monkeypatch.setattr(E.Engine, "_decode_step", phase("decode", E.Engine._decode_step))
+        monkeypatch.setattr(Generator, "_step", phases(Generator._step))
         monkeypatch.setattr(E.Engine, "_prefill_layout", host(E.Engine._prefill_layout))
         monkeypatch.setattr(E.Engine, "_decode_layout", host(E.Engine._decode_layout, "layouts"))
         monkeypatch.setattr(E.Engine, "_upload", host(E.Engine._upload, "uploads"))
@@ -431,6 +466,8 @@ def test_cuda_graph_decode_bookkeeping_on_cpu(monkeypatch, model):
     fresh = Engine(model, SCHED, block_size=4, cuda_graphs=True)
     assert fresh.generate(reqs2, max_new_tokens=7) == want == fresh.generate(reqs2, max_new_tokens=7)
     assert len(captured) == 6
+    # ... and no runner keeps a call's fresh pool (nor its graph, which baked the pool in) afterwards
+    assert all(r.pool is None and r.replay is None and r.out is None for r in fresh._graphs.values())
     # sampling runs on the device outside the graph, seeded as in eager decode
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
     assert (eng.generate(reqs, max_new_tokens=4, temperature=0.9, generator=g())
@@ -699,7 +736,7 @@ def test_cuda_bf16_engine_matches_fp32(block_size):
     against the fp32 SDPA engine. FlashAttention's accuracy rule: a backend's error against fp32 is
     at most twice that of the plain SDPA engine run in bf16. The first decode step (the paged cache)
     is compared with the bf16 SDPA engine's, on the rows where both picked the same first token."""
-    from adsc_ext.hf.tiny import build_llava, llava15_7b_config
+    from adsc_ext.testing import build_llava, llava15_7b_config
 
     cfg = llava15_7b_config()
     cfg.text_config.num_hidden_layers = 4

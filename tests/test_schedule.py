@@ -193,3 +193,65 @@ def test_python_and_c_parsers_agree_on_well_formed_texts(pairs):
     except ScheduleError:
         py_result = None
     assert py_result == c_result, text
+
+
+# ---- grids whose rows end with a newline token (LLaVA-NeXT / OneVision anyres) -------------------
+def test_image_tokens_with_and_without_newlines():
+    s = Schedule.parse("1:2,2:2")
+    assert s.image_tokens((3, 4)) == [12, 6, 4]               # 3x4 -> 3x2 -> 2x2
+    assert s.image_tokens((3, 4), newline=True) == [15, 9, 6]  # + one newline per row
+    assert Schedule.parse("8:2,16:2,24:2").image_tokens((24, 24)) == [576, 288, 144, 72]
+    # the newline column is not a column of the grid: a 3x2 grid halves its rows (h > w)
+    assert Schedule.parse("1:2").image_tokens((3, 2), newline=True) == [9, 6]
+    assert Schedule.parse("1:4").image_tokens((5, 7), newline=1) == [40, 15]
+    assert Schedule().image_tokens((2, 1), newline=True) == [4]
+    stages = s.validate(4, (3, 4), newline=True)
+    assert [st.tokens_per_image for st in stages] == [15, 9, 6]
+    assert [st.grid for st in stages] == [(3, 4), (3, 2), (2, 2)]
+    assert [st.tokens_per_image for st in s.validate(4, (3, 4))] == [12, 6, 4]
+
+
+def test_image_tokens_errors():
+    with pytest.raises(ScheduleError, match="cannot be downsampled by factor 2: it would halve a "
+                                            "side of length 1"):
+        Schedule.parse("1:2,2:2").image_tokens((2, 1), newline=True)
+    for bad in (2, -1, 0.5, "yes", None):
+        with pytest.raises(ScheduleError, match=r"newline must be a bool \(or 0 or 1\), got"):
+            Schedule.parse("1:2").image_tokens((2, 2), newline=bad)
+        with pytest.raises(ScheduleError, match="newline must be a bool"):
+            Schedule.parse("1:2").validate(4, (2, 2), newline=bad)
+
+
+@given(st.integers(1, 12), st.integers(1, 12), st.booleans(), steps)
+def test_image_tokens_count_the_reference_rule(h, w, newline, pairs):
+    """The counts equal the tokens the reference keeps (adsc_ext.reference.kept_image_indices)."""
+    from adsc_ext.reference import kept_image_indices
+
+    layers = sorted({layer for layer, _ in pairs})
+    s = Schedule(tuple(Step(l, f) for l, (_, f) in zip(layers, pairs)))
+    try:
+        counts = s.image_tokens((h, w), newline=newline)
+    except ScheduleError:
+        with pytest.raises(ScheduleError):
+            kept_image_indices((h, w), s, newline=newline)
+        return
+    kept = kept_image_indices((h, w), s, newline=newline)
+    assert counts == [len(k) for k in kept]
+    for k in kept if newline else ():  # a kept row keeps its newline, whatever its columns
+        rows = {i // (w + 1) for i in k}
+        assert all(r * (w + 1) + w in k for r in rows)
+        per_row = [sum(1 for i in k if i // (w + 1) == r) for r in rows]
+        assert len(set(per_row)) <= 1  # still a grid: every kept row keeps the same columns
+
+
+def test_stage_lengths_count_text_and_each_images_grid():
+    """The one stage-length rule (the engine's pools, the model spec, adsc plan): text tokens plus
+    every image's tokens at the stage, each image on its own grid, newline grids included."""
+    s = Schedule.parse("1:2,2:2")
+    assert s.stage_lengths(40, [(4, 4), (4, 4)]) == [40, 8 + 16, 8 + 8]
+    assert s.stage_lengths(20, [(3, 4, 1)]) == [20, 5 + 9, 5 + 6]  # 3x4 + a newline per row
+    assert s.stage_lengths(7, []) == [7, 7, 7] and Schedule.parse("").stage_lengths(9, [(2, 2)]) == [9]
+    with pytest.raises(ScheduleError, match="cannot hold images"):
+        s.stage_lengths(10, [(4, 4)])
+    with pytest.raises(ScheduleError, match="cannot be downsampled"):
+        Schedule.parse("1:4,2:4").stage_lengths(10, [(2, 2)])

@@ -439,7 +439,7 @@ def test_trt_build_without_tensorrt_is_one_line(capsys, tmp_path):
 
 @no_tensorrt
 def test_trt_build_without_tensorrt_subprocess(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "adsc_ext", "trt-build", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "adsc_ext", "trt-build", str(write_folder(tmp_path))],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stdout == ""

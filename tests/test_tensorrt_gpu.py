@@ -84,7 +84,7 @@ def test_plugin_in_an_engine_matches_the_reference(tmp_path, dtype):
 def _export(tmp_path, compaction):
     pytest.importorskip("onnxscript")
     from adsc_ext.export.onnx_export import export_onnx
-    from adsc_ext.hf.tiny import tiny_llava
+    from adsc_ext.testing import tiny_llava
 
     out = tmp_path / f"export-{compaction}"
     export_onnx(tiny_llava(seed=3), out, SCHEDULE, compaction=compaction, progress=None)

@@ -19,7 +19,7 @@ if not (Path(__file__).resolve().parents[1] / "adsc_ext/export/runner.py").is_fi
 
 from adsc_ext.export.runner import OnnxRunner  # noqa: E402
 from adsc_ext.export.trt_runner import TensorRTRunner  # noqa: E402
-from adsc_ext.hf.tiny import tiny_llava  # noqa: E402
+from adsc_ext.testing import tiny_llava  # noqa: E402
 
 SCHEDULE = "1:2,2:4"  # 4x4 -> 4x2 -> 2x1: three stages on a three-layer model
 
@@ -100,7 +100,7 @@ def test_runner_text_only_batch_and_eos(runners):
 
 
 def test_runner_checks_requests_like_the_onnx_runner(runners):
-    from adsc_ext.models.llava import AdscInputError
+    from adsc_ext.errors import AdscInputError
 
     onnx_runner, trt_runner, _ = runners
     bad = {"input_ids": torch.full((onnx_runner.spec.tokens_per_image,), onnx_runner.image_token_id),
