@@ -54,26 +54,7 @@ export ADSC_TARGET_DEVICE=${ADSC_TARGET_DEVICE:-cuda}
 failed=0
 DEADLINE=${DEADLINE:-}
 
-step() {  # step NAME LIMIT_S COMMAND...: run under a hard timeout, log, remember a failure
-  local name=$1 limit=$2; shift 2
-  local left=$((DEADLINE - SECONDS))
-  if [ "$left" -lt 20 ]; then  # the call's budget is spent: say so rather than be killed mid-step
-    echo "=== $name: SKIPPED, ${left} s left of the call's ${DEADLINE} s" | tee -a "$LOG"
-    printf '%s\t%s\t%s\t%s\n' "$name" 0 "$limit" skipped >>"$OUT/budget.tsv"
-    failed=$((failed + 1))
-    return 0
-  fi
-  [ "$limit" -le "$left" ] || limit=$left
-  echo "=== $name (limit ${limit} s): $*" | tee -a "$LOG"
-  local t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
-  local rc=$?
-  [ $rc -eq 124 ] && echo "=== $name: TIMED OUT after $limit s" | tee -a "$LOG"
-  echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
-  printf '%s\t%s\t%s\t%s\n' "$name" "$((SECONDS - t0))" "$limit" "$rc" >>"$OUT/budget.tsv"
-  [ $rc -eq 0 ] || failed=$((failed + 1))
-  return 0
-}
+. "$(dirname "$0")/steps.sh"  # step NAME LIMIT_S COMMAND...: timed, logged, budget.tsv
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

@@ -40,24 +40,7 @@ export PYTHONUNBUFFERED=1
 failed=0
 stamp=$(date -u +%Y%m%d-%H%M%S)
 
-step() {  # step NAME LIMIT_S COMMAND...: run under a hard timeout, log, remember a failure
-  local name=$1 limit=$2; shift 2
-  local left=$((DEADLINE - SECONDS))
-  if [ "$left" -lt 20 ]; then
-    echo "=== $name: SKIPPED, ${left} s left of ${DEADLINE} s" | tee -a "$LOG"
-    failed=$((failed + 1))
-    return 0
-  fi
-  [ "$limit" -le "$left" ] || limit=$left
-  echo "=== $name (limit ${limit} s): $*" | tee -a "$LOG"
-  local t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
-  local rc=$?
-  [ $rc -eq 124 ] && echo "=== $name: TIMED OUT after $limit s" | tee -a "$LOG"
-  echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
-  [ $rc -eq 0 ] || failed=$((failed + 1))
-  return 0
-}
+. "$(dirname "$0")/steps.sh"  # step NAME LIMIT_S COMMAND...: timed, logged, budget.tsv
 
 BENCH=("$PYTHON" benchmarks/vllm_bench.py --model "${MODEL:-llava-1.5-7b}" --requests 32
        --new-tokens "${NEW_TOKENS:-256}" --text 63 --max-model-len 2048 --max-num-seqs 32
