@@ -116,7 +116,8 @@ def test_a_registered_architecture_is_found_for_its_subclasses():
         @classmethod
         def from_model(cls, model):
             seen.append(model)
-            return cls()
+            return cls(num_layers=1, hidden_size=2, num_heads=1, num_kv_heads=1, head_dim=2, vocab_size=3,
+                       max_positions=4, rms_norm_eps=1e-6, scaling=1.0, image_token_id=0)
 
     try:
         m = FakeChild()

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -254,17 +254,17 @@ def llama_family_facts(text) -> Dict[str, Any]:
     )
 
 
+@dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """What adsc_ext knows about one architecture; an instance describes one model.
 
-    Subclasses are dataclasses of the facts listed in the module docstring plus ``model`` (the
-    Hugging Face model, or None for a spec built from facts alone, e.g. an export manifest: then
-    only the facts and the request check are available). Every method that runs the model goes
-    through its public modules.
+    The fields here are the decoder facts every architecture has (:func:`llama_family_facts` reads
+    all but ``image_token_id``). Subclasses are frozen dataclasses that add their own facts and
+    ``model`` (the Hugging Face model, or None for a spec built from facts alone, e.g. an export
+    manifest: then only the facts and the request check are available); they are built with
+    keywords. Every method that runs the model goes through its public modules.
     """
 
-    name: str = "model"
-    model: Any = None
     num_layers: int
     hidden_size: int
     num_heads: int
@@ -272,8 +272,12 @@ class ModelSpec:
     head_dim: int
     vocab_size: int
     max_positions: int
-    scaling: float
+    rms_norm_eps: float
+    scaling: float  # the attention's softmax scale (head_dim ** -0.5 for LLaMA)
     image_token_id: int
+
+    name = "model"  # class attributes, not fields (a subclass may make name a property)
+    model = None
 
     @classmethod
     def from_model(cls, model) -> "ModelSpec":  # pragma: no cover - every subclass defines it
@@ -295,7 +299,7 @@ class ModelSpec:
         return (self.image_token_id,)
 
     #: the leading shape of a token's position (``()``: one index; M-RoPE with a text row: ``(4,)``)
-    position_lead: Tuple[int, ...] = ()
+    position_lead: ClassVar[Tuple[int, ...]] = ()
 
     def check_runtime(self, runtime: str) -> None:
         """Refuse a runtime that cannot run this model (:class:`~adsc_ext.errors.AdscModelError`)."""

@@ -58,17 +58,7 @@ class LlavaSpec(ModelSpec):
     """
 
     grid: Tuple[int, int]
-    image_token_id: int
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
     image_size: int
-    max_positions: int
-    rms_norm_eps: float
-    scaling: float  # the attention's softmax scale (head_dim ** -0.5 for LLaMA)
     model: Any = field(default=None, compare=False, repr=False)
     name = "llava-1.5"
 

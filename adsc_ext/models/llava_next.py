@@ -85,7 +85,6 @@ class LlavaNextSpec(ModelSpec):
     features.
     """
 
-    image_token_id: int
     video_token_id: Optional[int]
     side: int
     tower_size: int
@@ -93,15 +92,6 @@ class LlavaNextSpec(ModelSpec):
     pinpoints: Tuple[Tuple[int, int], ...]
     max_crops: Optional[int]
     onevision: bool
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    max_positions: int
-    rms_norm_eps: float
-    scaling: float
     model: Any = field(default=None, compare=False, repr=False)
     image_newline: Any = field(default=None, compare=False, repr=False)
 

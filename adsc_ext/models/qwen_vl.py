@@ -91,7 +91,6 @@ class QwenVLSpec(ModelSpec):
     :class:`~adsc_ext.models.ModelSpec`)."""
 
     arch: str  # "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl"
-    image_token_id: int
     video_token_id: int
     vision_start_token_id: int
     vision_end_token_id: int
@@ -103,15 +102,6 @@ class QwenVLSpec(ModelSpec):
     deepstack_layers: int  # Qwen3-VL: the decoder layers after which vision features are added
     window_size: int  # Qwen2.5-VL: the vision tower's attention window, in pixels (0: none)
     fullatt_blocks: Tuple[int, ...]  # Qwen2.5-VL: the vision blocks with full attention
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    max_positions: int
-    rms_norm_eps: float
-    scaling: float
     model: Any = field(default=None, compare=False, repr=False)
     #: Qwen2.5-VL under transformers 5.17: a video's seconds per grid are truncated to whole seconds
     #: before the temporal position step (hf._compat item 6); exports record it
