@@ -19,10 +19,9 @@ from adsc_ext.cli import main as adsc_main  # noqa: E402
 from adsc_ext.errors import AdscModelError, ExportError  # noqa: E402
 from adsc_ext.export import OnnxRunner, export_onnx, load_manifest  # noqa: E402
 from adsc_ext.export.manifest import MANIFEST_NAME, graph_io, spec_of  # noqa: E402
-from adsc_ext.generation import Request  # noqa: E402
 from adsc_ext.hf import apply_adsc  # noqa: E402
 from adsc_ext.models import model_spec  # noqa: E402
-from adsc_ext.testing.qwen import qwen_inputs, save_qwen_checkpoint, split_inputs, tiny_qwen  # noqa: E402
+from adsc_ext.testing.qwen import qwen_inputs, qwen_requests, save_qwen_checkpoint, tiny_qwen  # noqa: E402
 
 # fp32 on the CPU: ONNX Runtime and PyTorch run the same math with other kernels and another grouping
 # of the ops (the vision tower's windows as one masked attention); measured differences ~4e-6.
@@ -59,15 +58,6 @@ def exported(ckpt, tmp_path_factory):
     return out, rc, buf.getvalue()
 
 
-def requests_of(inp, config):
-    reqs = []
-    for one in split_inputs(inp, config):
-        extra = {k: v for k, v in one.items() if k not in ("input_ids", "attention_mask", "pixel_values",
-                                                              "mm_token_type_ids")}
-        reqs.append(Request(one["input_ids"][0], one.get("pixel_values"), inputs=extra))
-    return reqs
-
-
 def test_export_command_checks_itself(exported):
     _, rc, text = exported
     assert rc == 0, text
@@ -78,7 +68,7 @@ def test_runner_equals_apply_adsc(model, exported):
     folder = exported[0]
     inp = qwen_inputs(model, ROWS)
     runner = OnnxRunner(folder, schedule=SCHED)
-    got = runner.generate(requests_of(inp, model.config), max_new_tokens=N, return_logits=True)
+    got = runner.generate(qwen_requests(inp, model.config), max_new_tokens=N, return_logits=True)
     ref_model = apply_adsc(copy.deepcopy(model), SCHED)
     with torch.no_grad():
         g = ref_model.generate(**inp, max_new_tokens=N, min_new_tokens=N, do_sample=False, output_scores=True,

@@ -14,7 +14,7 @@ from adsc_ext.errors import AdscInputError, AdscModelError, ScheduleError  # noq
 from adsc_ext.generation import Request  # noqa: E402
 from adsc_ext.hf import apply_adsc  # noqa: E402
 from adsc_ext.runtime import Engine  # noqa: E402
-from adsc_ext.testing.qwen import qwen_inputs, split_inputs, tiny_qwen  # noqa: E402
+from adsc_ext.testing.qwen import qwen_inputs, qwen_requests, tiny_qwen  # noqa: E402
 
 ROWS = [["ab", ("image", 2, 3), "cd"], ["plain text"], ["y", ("image", 4, 4), "z", ("video", 2, 2, 2), "w", ("image", 3, 2)],
         [("image", 3, 5), "q", ("image", 2, 2)]]
@@ -30,18 +30,8 @@ def plain():
 def test_engine_on_qwen2_vl():
     q2 = tiny_qwen("qwen2_vl", num_layers=4)
     inp = qwen_inputs(q2, ROWS)
-    got = Engine(q2, SCHED, block_size=4).generate(to_requests(inp, q2.config), max_new_tokens=N)
+    got = Engine(q2, SCHED, block_size=4).generate(qwen_requests(inp, q2.config), max_new_tokens=N)
     assert got == hf_generate(apply_adsc(copy.deepcopy(q2), SCHED), inp, N)[0]
-
-
-def to_requests(inp, config):
-    """One engine Request per row: its ids, its patches and its other processor outputs."""
-    reqs = []
-    for one in split_inputs(inp, config):
-        extra = {k: v for k, v in one.items() if k not in ("input_ids", "attention_mask", "pixel_values",
-                                                              "mm_token_type_ids")}
-        reqs.append(Request(one["input_ids"][0], one.get("pixel_values"), inputs=extra))
-    return reqs
 
 
 def hf_generate(model, inp, n):
@@ -55,7 +45,7 @@ def hf_generate(model, inp, n):
 @pytest.mark.parametrize("schedule,block_size", [(SCHED, 4), ("2:4", 16), ("", 3)])
 def test_engine_equals_apply_adsc(plain, schedule, block_size):
     inp = qwen_inputs(plain, ROWS)
-    reqs = to_requests(inp, plain.config)
+    reqs = qwen_requests(inp, plain.config)
     eng = Engine(plain, schedule, block_size=block_size)
     got = eng.generate(reqs, max_new_tokens=N, return_logits=True)
     model = apply_adsc(copy.deepcopy(plain), schedule)
@@ -80,7 +70,7 @@ def test_engine_equals_apply_adsc(plain, schedule, block_size):
 def test_engine_request_checks(plain):
     eng = Engine(plain, SCHED, block_size=4)
     inp = qwen_inputs(plain, [["a", ("image", 2, 3), "b"]])
-    r = to_requests(inp, plain.config)[0]
+    r = qwen_requests(inp, plain.config)[0]
     with pytest.raises(AdscInputError, match="request 0: give pixel_values and image_grid_thw together"):
         eng.generate([Request(r.input_ids, r.pixel_values)], max_new_tokens=2)
     with pytest.raises(AdscInputError, match=r"request 0: pixel_values must be the processor's patches \[num_patches, 24\]"):
@@ -88,7 +78,7 @@ def test_engine_request_checks(plain):
     with pytest.raises(AdscInputError, match=r"request 0: image_grid_thw \[\[1, 4, 4\]\] needs 16 patches, pixel_values has 24"):
         eng.generate([Request(r.input_ids, r.pixel_values, inputs={"image_grid_thw": torch.tensor([[1, 4, 4]])})],
                      max_new_tokens=2)
-    small = to_requests(qwen_inputs(plain, [["a", ("image", 2, 2)]]), plain.config)[0]
+    small = qwen_requests(qwen_inputs(plain, [["a", ("image", 2, 2)]]), plain.config)[0]
     res = Engine(plain, "1:2,2:2,3:2", block_size=4).generate([small, r], max_new_tokens=2, return_exceptions=True)
     assert isinstance(res[0], ScheduleError) and "request 0: schedule '1:2,2:2,3:2' does not fit a 2x2" in str(res[0])
     assert len(res[1]) == 2  # 2x3 -> 2x2 -> 2x1 -> 1x1: it runs

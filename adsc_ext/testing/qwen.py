@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["ARCHS", "tiny_qwen_config", "tiny_qwen", "qwen_inputs", "split_inputs", "qwen_tokenizer",
+__all__ = ["ARCHS", "tiny_qwen_config", "tiny_qwen", "qwen_inputs", "split_inputs", "qwen_requests", "qwen_tokenizer",
            "qwen_image_processor", "save_qwen_checkpoint", "qwen25_vl_7b_config", "SPECIAL_TOKENS"]
 
 #: architecture -> (config class, model class) names in transformers
@@ -140,7 +140,7 @@ def qwen_inputs(model_or_config, rows: Sequence[Sequence[Item]], *, padding_side
     qwen3 = cfg.model_type == "qwen3_vl"
     patch_dim = vc.in_channels * tps * p * p
     g = torch.Generator().manual_seed(seed)
-    seqs, types, img_grids, vid_grids = [], [], [], []
+    seqs, img_grids, vid_grids = [], [], []
     for row in rows:
         ids: List[int] = [BOS] if bos else []
         for item in row:
@@ -231,6 +231,20 @@ def split_inputs(inputs: Dict[str, torch.Tensor], config) -> List[Dict[str, torc
             patch_starts[kind] += rows_pix
         out.append(one)
     return out
+
+
+def qwen_requests(inputs: Dict[str, torch.Tensor], config) -> list:
+    """One serving :class:`~adsc_ext.generation.Request` per row of a :func:`qwen_inputs` batch: its
+    ids, its patches and its other processor outputs (grids, ``second_per_grid_ts``), as the engine
+    and the ONNX/TensorRT runners take them."""
+    from ..generation import Request
+
+    reqs = []
+    for one in split_inputs(inputs, config):
+        extra = {k: v for k, v in one.items() if k not in ("input_ids", "attention_mask", "pixel_values",
+                                                              "mm_token_type_ids")}
+        reqs.append(Request(one["input_ids"][0], one.get("pixel_values"), inputs=extra))
+    return reqs
 
 
 # ---- a processor -------------------------------------------------------------------------------------
