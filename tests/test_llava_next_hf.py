@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from adsc_ext.errors import AdscInputError  # noqa: E402
 from adsc_ext.hf import AdscCache, adsc_layout, apply_adsc  # noqa: E402
 from adsc_ext.models import model_spec  # noqa: E402
-from adsc_ext.reference import kept_image_indices  # noqa: E402
+from oracle import run_decoder  # noqa: E402
 from adsc_ext.schedule import Schedule  # noqa: E402
 from adsc_ext.testing.llava_next import (IMAGE, VIDEO, random_images, tiny_llava_next,  # noqa: E402
                                          tiny_llava_onevision, tiny_processor)
@@ -92,31 +92,8 @@ def naive_forward(plain, one, schedule):
             plain(**one)
     finally:
         handle.remove()
-    h = seen["h"]
-    n = h.shape[1]
-    alive = []
-    for s in range(len(schedule) + 1):
-        drop = set()
-        for start, (gh, gw), nl in _units(plain, one):
-            kept = kept_image_indices((gh, gw), schedule, newline=nl)
-            drop |= {start + r for r in range(gh * (gw + nl))} - {start + r for r in kept[s]}
-        alive.append([q for q in range(n) if q not in drop])
-    bounds = {layer: i + 1 for i, layer in enumerate(schedule.layers)}
-    positions = list(range(n))
     with torch.no_grad():
-        for i, layer in enumerate(text.layers):
-            if i in bounds:
-                new = alive[bounds[i]]
-                h = h[:, [positions.index(q) for q in new]]
-                positions = new
-            pos = torch.tensor([positions])
-            cos_sin = text.rotary_emb(h, pos)
-            L = len(positions)
-            mask = torch.zeros(1, 1, L, L, dtype=h.dtype).masked_fill(
-                ~torch.ones(L, L, dtype=torch.bool).tril(), torch.finfo(h.dtype).min)
-            out = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
-            h = out[0] if isinstance(out, tuple) else out
-        return plain.lm_head(text.norm(h))[0], positions
+        return run_decoder(text, plain.lm_head, seen["h"], _units(plain, one), schedule)
 
 
 def _gen(model, inp, n, **kw):

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 from adsc_ext.errors import AdscInputError, ScheduleError  # noqa: E402
 from adsc_ext.hf import AdscCache, adsc_layout, apply_adsc  # noqa: E402
 from adsc_ext.models import model_spec  # noqa: E402
-from adsc_ext.reference import kept_image_indices  # noqa: E402
+from oracle import run_decoder  # noqa: E402
 from adsc_ext.schedule import Schedule  # noqa: E402
 from adsc_ext.testing.qwen import qwen_inputs, split_inputs, tiny_qwen  # noqa: E402
 
@@ -98,36 +98,19 @@ def naive_forward(model, one, schedule):
         for k in range(int(t)):
             grids.append((p + k * h * w, (h, w)))
         p += int(t) * h * w
-    n = len(row)
-    alive = []
-    for s in range(len(schedule) + 1):
-        drop = set()
-        for start, g in grids:
-            kept = kept_image_indices(g, schedule)
-            drop |= {start + r for r in range(g[0] * g[1])} - {start + r for r in kept[s]}
-        alive.append([q for q in range(n) if q not in drop])
-    bounds = {layer: i + 1 for i, layer in enumerate(schedule.layers)}
-    h = emb
-    positions = list(range(n))
-    for l, layer in enumerate(text.layers):
-        if l in bounds:
-            new = alive[bounds[l]]
-            rel = [positions.index(q) for q in new]
-            h = h[:, rel]
-            positions = new
-        pos = pos3[:, :, positions]
-        cos, sin = text.rotary_emb(h, pos)
-        L = len(positions)
-        causal = torch.ones(L, L, dtype=torch.bool).tril()
-        mask = torch.zeros(1, 1, L, L, dtype=h.dtype).masked_fill(~causal, torch.finfo(h.dtype).min)
-        out = layer(h, attention_mask=mask, position_ids=torch.tensor([positions]), position_embeddings=(cos, sin))
-        h = out[0] if isinstance(out, tuple) else out
-        if l < len(deep.get("image", deep.get("video", (None, [])))[1]):
-            assert len(positions) == n, "DeepStack layers run before any boundary"
-            for kind, (kmask, feats) in deep.items():
-                h = h.clone()
-                h[kmask] = h[kmask] + feats[l]
-    return model.lm_head(text.norm(h))[0], positions
+    n_deep = len(deep.get("image", deep.get("video", (None, [])))[1])
+
+    def deepstack(l, h, positions):
+        if l >= n_deep:
+            return h
+        assert len(positions) == len(row), "DeepStack layers run before any boundary"
+        h = h.clone()
+        for kmask, feats in deep.values():
+            h[kmask] = h[kmask] + feats[l]
+        return h
+
+    return run_decoder(text, model.lm_head, emb, [(start, g, 0) for start, g in grids], schedule,
+                       rope_positions=lambda positions: pos3[:, :, positions], after_layer=deepstack)
 
 
 def _gen(model, inp, n, **kw):
