@@ -16,7 +16,7 @@ import sys
 import torch
 from peft import LoraConfig, get_peft_model
 
-from adsc_ext.hf import apply_adsc
+from adsc_ext.hf import apply_adsc, enable_checkpointing
 from adsc_ext.testing import TinyProcessor, tiny_llava
 
 
@@ -27,12 +27,7 @@ def main(steps: int = 20, out_dir: str = "lora-adsc-tiny"):
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     model.print_trainable_parameters()
-    # activation_checkpointing_enable from transformers 5.23 on (gradient_checkpointing_enable is
-    # deprecated there); the older name on 5.17-5.22
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)  # activation_checkpointing_enable from transformers 5.23, the older name before
     model.train()
 
     proc = TinyProcessor(model.config)

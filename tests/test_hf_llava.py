@@ -7,7 +7,7 @@ pytest.importorskip("transformers")
 
 import torch
 
-from adsc_ext.reference import kept_image_indices
+from oracle import run_decoder
 from adsc_ext.schedule import Schedule
 from adsc_ext.testing import TinyProcessor, tiny_llava
 
@@ -73,31 +73,7 @@ def naive_forward(model, ids, pixel_values, schedule, image_offset=0):
         emb = emb.clone()
         for i, st in enumerate(starts):
             emb[0, st:st + hw] = feats[i * hw:(i + 1) * hw]
-    kept = kept_image_indices((side, side), schedule)
-    alive = []
-    for s in range(len(schedule) + 1):
-        drop = set()
-        for st in starts:
-            drop |= set(st + r for r in range(hw)) - set(st + r for r in kept[s])
-        alive.append([q for q in range(n) if q not in drop])
-    bounds = {layer: i + 1 for i, layer in enumerate(schedule.layers)}
-    h = emb
-    positions = list(range(n))
-    for l, layer in enumerate(text.layers):
-        if l in bounds:
-            new = alive[bounds[l]]
-            rel = [positions.index(q) for q in new]
-            h = h[:, rel]
-            positions = new
-        pos = torch.tensor([positions])
-        cos, sin = text.rotary_emb(h, pos)
-        L = len(positions)
-        causal = torch.ones(L, L, dtype=torch.bool).tril()
-        mask = torch.zeros(1, 1, L, L, dtype=h.dtype).masked_fill(~causal, torch.finfo(h.dtype).min)
-        out = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=(cos, sin))
-        h = out[0] if isinstance(out, tuple) else out
-    h = text.norm(h)
-    return model.lm_head(h)[0], positions
+    return run_decoder(text, model.lm_head, emb, [(st, (side, side), 0) for st in starts], schedule)
 
 
 def real_rows(attention_mask):
@@ -126,6 +102,7 @@ from adsc_ext.hf import (  # noqa: E402
     adsc_layout,
     adsc_setup,
     apply_adsc,
+    enable_checkpointing,
     is_adsc_model,
     remove_adsc,
 )
@@ -377,11 +354,7 @@ def test_gradient_checkpointing_same_loss_and_grads(reentrant):
     ref.loss.backward()
     g_ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    # activation_checkpointing_enable from transformers 5.23 (gradient_checkpointing_enable is deprecated there)
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    enable_checkpointing(model, use_reentrant=reentrant)
     assert model.model.language_model.layers[0].gradient_checkpointing
     out = model(**inp, labels=labels)
     out.loss.backward()

@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 
 from adsc_ext import stage_plan  # noqa: E402
 from adsc_ext.baselines import FastV  # noqa: E402
-from adsc_ext.hf import apply_adsc  # noqa: E402
+from adsc_ext.hf import apply_adsc, enable_checkpointing  # noqa: E402
 from adsc_ext.testing import TinyProcessor, tiny_llava  # noqa: E402
 from adsc_ext.train.fastv import fastv_forward  # noqa: E402
 
@@ -191,7 +191,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for ckpt in (False, True):
         m = tiny_llava(seed=5, grid_side=4, num_layers=6).train()
         if ckpt:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(m)
         calls = []
         for i in (1, 3):
             m.model.language_model.layers[i].self_attn.register_forward_pre_hook(lambda *a, i=i: calls.append(i))

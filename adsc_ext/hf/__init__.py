@@ -1,6 +1,7 @@
 """ADSC for Hugging Face transformers' LLaVA-1.5 (module hooks over transformers' own forward)."""
 
 from ..models.llava import AdscInputError, AdscModelError
+from ._compat import enable_checkpointing
 from .cache import AdscCache, AdscCacheState
 from .hooks import AdscLayout, AdscSetup, adsc_layout, adsc_setup, apply_adsc, is_adsc_model, remove_adsc
 
@@ -14,6 +15,7 @@ __all__ = [
     "adsc_layout",
     "adsc_setup",
     "apply_adsc",
+    "enable_checkpointing",
     "is_adsc_model",
     "remove_adsc",
 ]

@@ -127,6 +127,16 @@ def qwen25_whole_video_seconds() -> bool:
     return (major, minor) < (5, 18)
 
 
+def enable_checkpointing(model, use_reentrant: bool = False) -> None:
+    """Turn on activation (gradient) checkpointing on a transformers model, or a PEFT model over one:
+    ``activation_checkpointing_enable`` from transformers 5.23, where ``gradient_checkpointing_enable``
+    is deprecated (a FutureWarning); the older name before (public API both; only the name moved)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+
+
 def layer_checkpointed(layer) -> bool:
     """Whether gradient checkpointing is on for a decoder layer (``GradientCheckpointingLayer``'s
     ``gradient_checkpointing`` flag, set by ``model.gradient_checkpointing_enable()``)."""

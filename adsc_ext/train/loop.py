@@ -24,11 +24,10 @@ import contextlib
 import functools
 import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -264,6 +263,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print,
     from transformers import AutoProcessor
     from transformers.utils import logging as hf_logging
 
+    from ..hf import enable_checkpointing
+
     # Everything a user can get wrong is checked before Accelerate starts (and before any weight is read).
     cfg.check()
     _check_model_dir(cfg.model)
@@ -301,7 +302,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print,
     dtype = torch.bfloat16 if mp == "bf16" and not cfg.full else torch.float32
     model, schedule = build_model(cfg, dtype)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     from ..models.llava import llava_spec
 
     spec = llava_spec(model)
