@@ -8,7 +8,6 @@ process state is per process). About 90 s on 2 cores.
 
 import json
 import math
-import shutil
 import sys
 
 import pytest

@@ -39,7 +39,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -152,7 +152,7 @@ def plugin_reference_function():
     Added to a plugin graph's ``functions``, it lets ONNX Runtime run that graph (the node then
     resolves to this function): how the runner and the tests check a plugin export on the CPU.
     """
-    onnx = require_onnx()
+    require_onnx()
     from onnx import TensorProto, helper
 
     nodes = [
@@ -374,7 +374,7 @@ def export_onnx(model, out_dir, schedule=None, *, dtype=None, opset: int = DEFAU
              "grid": None if grid is None else list(grid), "image_token_id": spec.image_token_id,
              "dtype": dname}  # every graph carries them (graph_metadata)
     lens = [2 * n_st + 8 - s for s in range(n_st)]  # example lengths: >= 2 and distinct, so none specialises
-    kv_meaning = {f"present.*": "this layer's K (or V), [batch, num_kv_heads, its stage's length, head_dim]"}
+    kv_meaning = {"present.*": "this layer's K (or V), [batch, num_kv_heads, its stage's length, head_dim]"}
     lead = tuple(spec.position_lead)  # a position's leading components (M-RoPE: text, T, H, W)
     npl = len(lead)
     pos_text = ("[4, batch, seq]: the text index, then the temporal, height and width M-RoPE ids" if npl
