@@ -347,7 +347,8 @@ def plan_items_step(schedule, is_image: torch.Tensor, cu_seqlens: torch.Tensor, 
     Item ``k`` starts at the ``sum(tokens of items < k)``-th image row; its units become the
     ``[N, 5]`` image spans of the compiled plan (:func:`adsc_ext.stage_plan`), which keeps of each
     unit what ``apply_adsc`` keeps (tokens of no unit, such as a trailing newline, are kept like
-    text). Two host reads: the image rows, then the stage sizes.
+    text). Two host reads: the image rows (with the step's offsets, in one copy), then the stage
+    sizes.
     """
     from ... import stage_plan
 
@@ -367,16 +368,16 @@ def plan_items_step(schedule, is_image: torch.Tensor, cu_seqlens: torch.Tensor, 
     if n_img == 0:
         kept = torch.ones((len(schedule) + 1, T), dtype=torch.bool, device=device)
         return plan_from_kept(kept, cu, req, torch.zeros_like(cu[1:]))
-    rows_h = rows.cpu().tolist()
-    cu_h = cu.cpu().tolist()
-    req_h = req.cpu()
+    # one copy to the host of what the loop reads (nonzero above already waited for the device)
+    host = torch.cat([rows, cu, req.to(torch.int64)]).cpu().tolist()
+    rows_h, cu_h, req_h = host[:n_img], host[n_img:n_img + cu.numel()], host[n_img + cu.numel():]
     spans = []
     first = 0
     for k, it in enumerate(items):
         start = rows_h[first]
         end = rows_h[first + it.tokens - 1]
-        b = int(req_h[start])
-        if end - start + 1 != it.tokens or int(req_h[end]) != b:
+        b = req_h[start]
+        if end - start + 1 != it.tokens or req_h[end] != b:
             raise ImageRunError(
                 f"image item {k} of this step ({it.tokens} tokens) is not one run of consecutive image "
                 f"tokens of one request"
