@@ -1,6 +1,6 @@
-"""What the vLLM tests of every architecture share: closing an in-process engine, and the greedy
+"""What the vLLM tests of every architecture share: closing an in-process engine, the greedy
 tokens of vLLM's own model (no plugin) on a checkpoint, from a subprocess (plugins are chosen when
-vLLM is imported)."""
+vLLM is imported), and the KV-cache probes the per-stage length tests pass to ``LLM.apply_model``."""
 
 from __future__ import annotations
 
@@ -72,3 +72,25 @@ def hf_reference(ckpts, load_hf, load_processor, hf_greedy):
         return {r.name: cache[(kind, r)] for r in requests}
 
     return reference
+
+
+def clear_kv(model) -> bool:
+    """Zero every layer's KV cache (``llm.apply_model(clear_kv)`` before a request)."""
+    for layer in model.language_model.model.layers:
+        layer.self_attn.attn.kv_cache.zero_()
+    return True
+
+
+def kv_tokens_written(model) -> list:
+    """``[(layers, tokens)]`` per KV-cache tensor: the decoder layers sharing it and how many tokens'
+    K/V were written into it since :func:`clear_kv`. Tokens = non-zero values / values per token (K
+    and V of every KV head), which does not depend on how the CPU kernels tile a block (their layout
+    is ISA-specific). With per-stage KV groups one tensor holds one layer of every stage."""
+    per_tensor = {}
+    for i, layer in enumerate(model.language_model.model.layers):
+        attn = layer.self_attn.attn
+        per_token = 2 * attn.num_kv_heads * attn.head_size
+        key = attn.kv_cache.data_ptr()
+        layers, _ = per_tensor.get(key, ([], 0))
+        per_tensor[key] = (layers + [i], int((attn.kv_cache != 0).sum()) / per_token)
+    return list(per_tensor.values())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engines import clear_kv, kv_tokens_written
 from tiny_checkpoint import NUM_LAYERS, REQUESTS, SCHEDULE, close_llm, greedy, make_llm, prompt
 
 pytest.importorskip("vllm")
@@ -62,32 +63,14 @@ def test_kv_written_only_for_kept_tokens(llm, hf_tokens):
     K/V is never needed)."""
     req = next(r for r in REQUESTS if r.name == "img2")
 
-    def clear(model):
-        for layer in model.language_model.model.layers:
-            layer.self_attn.attn.kv_cache.zero_()
-        return True
-
-    assert llm.apply_model(clear)[0]
+    assert llm.apply_model(clear_kv)[0]
     outs = llm.generate([req.vllm_prompt()], [greedy(req.max_tokens)])
     assert list(outs[0].outputs[0].token_ids) == hf_tokens["adsc"]["img2"]
     n, k = len(outs[0].prompt_token_ids), req.max_tokens
 
-    def written(model):
-        # Tokens written = non-zero values / values per token (K and V of every KV head); this
-        # does not depend on how the CPU kernels tile a block (their layout is ISA-specific).
-        # With per-stage KV groups one tensor holds one layer of every stage (separate blocks).
-        per_tensor = {}
-        for i, layer in enumerate(model.language_model.model.layers):
-            attn = layer.self_attn.attn
-            per_token = 2 * attn.num_kv_heads * attn.head_size
-            key = attn.kv_cache.data_ptr()
-            layers, _ = per_tensor.get(key, ([], 0))
-            per_tensor[key] = (layers + [i], int((attn.kv_cache != 0).sum()) / per_token)
-        return list(per_tensor.values())
-
     per_stage = [n, n - 2 * 8, n - 2 * 12]  # two images: 8 and 12 dropped tokens each
     stage_of = [0, 0, 1, 1, 2, 2]
-    tensors = llm.apply_model(written)[0]
+    tensors = llm.apply_model(kv_tokens_written)[0]
     assert sorted(i for layers, _ in tensors for i in layers) == list(range(NUM_LAYERS))
     for layers, tokens in tensors:
         assert tokens == sum(per_stage[stage_of[i]] + k - 1 for i in layers), (layers, tokens)

@@ -26,7 +26,7 @@ import random
 import pytest
 import torch
 
-from engines import generate_tokens, hf_reference, vllm_own_tokens
+from engines import generate_tokens, hf_reference, vllm_own_tokens, clear_kv, kv_tokens_written
 from onevision_checkpoint import (
     BAD_SIZE, IMAGE, NUM_LAYERS, REQUESTS, SCHEDULE, Request, build_checkpoint, close_llm, greedy, hf_greedy,
     load_hf, load_processor, make_llm,
@@ -239,21 +239,6 @@ def test_kv_writes_and_blocks_are_the_stage_lengths(llm, hf, config):
     blocks: the scheduler computes each image's layout from its image_sizes."""
     from adsc_ext.integrations.vllm.kv_groups import AdscStageManager
 
-    def clear(model):
-        for layer in model.language_model.model.layers:
-            layer.self_attn.attn.kv_cache.zero_()
-        return True
-
-    def written(model):
-        per_tensor = {}
-        for i, layer in enumerate(model.language_model.model.layers):
-            attn = layer.self_attn.attn
-            per_token = 2 * attn.num_kv_heads * attn.head_size
-            key = attn.kv_cache.data_ptr()
-            layers, _ = per_tensor.get(key, ([], 0))
-            per_tensor[key] = (layers + [i], int((attn.kv_cache != 0).sum()) / per_token)
-        return list(per_tensor.values())
-
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     managers = scheduler.kv_cache_manager.coordinator.single_type_managers
@@ -269,14 +254,14 @@ def test_kv_writes_and_blocks_are_the_stage_lengths(llm, hf, config):
     scheduler._free_request = spy
     try:
         for req in (r for r in REQUESTS if r.images):
-            _kv_run(llm, engine, req, config, hf, clear, written, managers, held)
+            _kv_run(llm, engine, req, config, hf, managers, held)
     finally:
         del scheduler._free_request
 
 
-def _kv_run(llm, engine, req, config, hf, clear, written, managers, held):
+def _kv_run(llm, engine, req, config, hf, managers, held):
     """One request alone; its K/V writes and its blocks (``held[-1]``: when it finished)."""
-    assert llm.apply_model(clear)[0]
+    assert llm.apply_model(clear_kv)[0]
     engine.add_request("kv", req.vllm_prompt(), greedy(req.max_tokens, config))
     out = None
     while engine.has_unfinished_requests():
@@ -287,7 +272,7 @@ def _kv_run(llm, engine, req, config, hf, clear, written, managers, held):
     n, k = len(out.prompt_token_ids), req.max_tokens
     per_stage = _spec_lengths(n, req)
     stage_of = [0, 0, 1, 1, 2, 2]
-    tensors = llm.apply_model(written)[0]
+    tensors = llm.apply_model(kv_tokens_written)[0]
     assert sorted(i for layers, _ in tensors for i in layers) == list(range(NUM_LAYERS))
     assert blocks == [-(-(L + k - 1) // 32) for L in per_stage], (req.name, blocks, per_stage, tensors)
     for layers, tokens in tensors:

@@ -22,7 +22,7 @@ import random
 import pytest
 import torch
 
-from engines import generate_tokens, hf_reference, vllm_own_tokens
+from engines import generate_tokens, hf_reference, vllm_own_tokens, clear_kv, kv_tokens_written
 from qwen_checkpoint import (
     NUM_LAYERS, REQUESTS, SCHEDULE, VISION, Request, build_checkpoint, close_llm, greedy, hf_greedy,
     load_hf, load_processor, make_llm,
@@ -254,26 +254,11 @@ def test_each_stage_holds_the_spec_lengths(llm, hf, config):
         n = len(outs[0].prompt_token_ids)
         assert llm.apply_model(lambda m: m.adsc.last_stage_tokens)[0] == _spec_lengths(n, req), req.name
 
-    def clear(model):
-        for layer in model.language_model.model.layers:
-            layer.self_attn.attn.kv_cache.zero_()
-        return True
-
-    def written(model):
-        per_tensor = {}
-        for i, layer in enumerate(model.language_model.model.layers):
-            attn = layer.self_attn.attn
-            per_token = 2 * attn.num_kv_heads * attn.head_size
-            key = attn.kv_cache.data_ptr()
-            layers, _ = per_tensor.get(key, ([], 0))
-            per_tensor[key] = (layers + [i], int((attn.kv_cache != 0).sum()) / per_token)
-        return list(per_tensor.values())
-
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     managers = scheduler.kv_cache_manager.coordinator.single_type_managers
     for req in (r for r in REQUESTS if r.name in ("two_images", "video")):
-        assert llm.apply_model(clear)[0]
+        assert llm.apply_model(clear_kv)[0]
         engine.add_request("kv", req.vllm_prompt(), greedy(req.max_tokens, config))
         blocks, out = [0, 0, 0], None
         while engine.has_unfinished_requests():
@@ -286,7 +271,7 @@ def test_each_stage_holds_the_spec_lengths(llm, hf, config):
         per_stage = _spec_lengths(n, req)
         assert per_stage[1] < n and per_stage[2] < per_stage[1]
         stage_of = [0, 0, 1, 1, 2, 2]
-        tensors = llm.apply_model(written)[0]
+        tensors = llm.apply_model(kv_tokens_written)[0]
         assert sorted(i for layers, _ in tensors for i in layers) == list(range(NUM_LAYERS))
         for layers, tokens in tensors:
             assert tokens == sum(per_stage[stage_of[i]] + k - 1 for i in layers), (req.name, layers, tokens)
