@@ -74,6 +74,32 @@ def hf_reference(ckpts, load_hf, load_processor, hf_greedy):
     return reference
 
 
+def cpu_llm(path, **kw):
+    """One in-process vLLM engine on the CPU backend, fp32, eager, 32 MiB of KV, 8 sequences (each
+    architecture's ``make_llm`` adds its own ``max_model_len`` and ``limit_mm_per_prompt``; ``kw``
+    overrides any of them)."""
+    from vllm import LLM
+
+    args = dict(
+        model=str(path), dtype="float32", enforce_eager=True, seed=0, kv_cache_memory_bytes=32 << 20,
+        distributed_executor_backend="uni", max_num_seqs=8,
+    )
+    args.update(kw)
+    return LLM(**args)
+
+
+def greedy_params(max_tokens: int, vocab_size: int = 0, banned=()):
+    """Greedy sampling with EOS ignored; with ``banned`` ids, only the other ids of the vocabulary
+    may be generated (placeholder tokens that vLLM would read as text and transformers as vision)."""
+    from vllm import SamplingParams
+
+    allowed = None
+    if banned:
+        banned = set(banned)
+        allowed = [i for i in range(vocab_size) if i not in banned]
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, allowed_token_ids=allowed)
+
+
 def clear_kv(model) -> bool:
     """Zero every layer's KV cache (``llm.apply_model(clear_kv)`` before a request)."""
     for layer in model.language_model.model.layers:

@@ -22,6 +22,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from engines import close_llm  # noqa: F401  (re-exported: the tests import it from here)
+from engines import cpu_llm, greedy_params
 
 NUM_LAYERS = 6
 SCHEDULE = "2:4,4:4"  # 4x4 -> 2x2 -> 1x1; a 2-row high-resolution grid cannot take the second step
@@ -159,21 +160,8 @@ def hf_greedy(model, processor, req: Request) -> List[int]:
 
 def greedy(max_tokens: int, config):
     """Greedy sampling, EOS ignored, the placeholder tokens never generated."""
-    from vllm import SamplingParams
-
-    banned = set(special_ids(config))
-    allowed = [i for i in range(config.text_config.vocab_size) if i not in banned]
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, allowed_token_ids=allowed)
+    return greedy_params(max_tokens, config.text_config.vocab_size, special_ids(config))
 
 
 def make_llm(path, **kw):
-    """One in-process vLLM engine on the CPU backend, fp32, eager."""
-    from vllm import LLM
-
-    args = dict(
-        model=str(path), dtype="float32", enforce_eager=True, max_model_len=512,
-        limit_mm_per_prompt={"image": 2, "video": 0}, seed=0, kv_cache_memory_bytes=32 << 20,
-        distributed_executor_backend="uni", max_num_seqs=8,
-    )
-    args.update(kw)
-    return LLM(**args)
+    return cpu_llm(path, **{"max_model_len": 512, "limit_mm_per_prompt": {"image": 2, "video": 0}, **kw})

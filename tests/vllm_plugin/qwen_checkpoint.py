@@ -17,6 +17,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from engines import close_llm  # noqa: F401  (re-exported: the tests import it from here)
+from engines import cpu_llm, greedy_params
 
 NUM_LAYERS = 6
 VOCAB = 300
@@ -171,21 +172,8 @@ def hf_greedy(model, processor, req: Request) -> List[int]:
 def greedy(max_tokens: int, config=None):
     """Greedy sampling, EOS ignored, Qwen's special tokens never generated (a generated
     ``<|image_pad|>`` would be text to vLLM but an image token to transformers)."""
-    from vllm import SamplingParams
-
-    banned = set(special_ids(config)) if config is not None else set()
-    allowed = [i for i in range(VOCAB) if i not in banned]
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, allowed_token_ids=allowed)
+    return greedy_params(max_tokens, VOCAB, special_ids(config) if config is not None else ())
 
 
 def make_llm(path, **kw):
-    """One in-process vLLM engine on the CPU backend, fp32, eager."""
-    from vllm import LLM
-
-    args = dict(
-        model=str(path), dtype="float32", enforce_eager=True, max_model_len=512,
-        limit_mm_per_prompt={"image": 2, "video": 1}, seed=0, kv_cache_memory_bytes=32 << 20,
-        distributed_executor_backend="uni", max_num_seqs=8,
-    )
-    args.update(kw)
-    return LLM(**args)
+    return cpu_llm(path, **{"max_model_len": 512, "limit_mm_per_prompt": {"image": 2, "video": 1}, **kw})

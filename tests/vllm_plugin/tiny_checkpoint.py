@@ -17,6 +17,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from engines import close_llm  # noqa: F401  (re-exported: the tests import it from here)
+from engines import cpu_llm, greedy_params
 
 GRID_SIDE = 4  # 4x4 vision tokens per image
 PATCH = 4
@@ -211,19 +212,8 @@ def hf_greedy(model, processor, req: Request) -> List[int]:
 
 
 def greedy(max_tokens: int, config=None):  # config: the other architectures' signature
-    from vllm import SamplingParams
-
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    return greedy_params(max_tokens)
 
 
 def make_llm(path, **kw):
-    """One in-process vLLM engine on the CPU backend, fp32, eager."""
-    from vllm import LLM
-
-    args = dict(
-        model=str(path), dtype="float32", enforce_eager=True, max_model_len=256,
-        limit_mm_per_prompt={"image": 2}, seed=0, kv_cache_memory_bytes=32 << 20,
-        distributed_executor_backend="uni", max_num_seqs=8,
-    )
-    args.update(kw)
-    return LLM(**args)
+    return cpu_llm(path, **{"max_model_len": 256, "limit_mm_per_prompt": {"image": 2}, **kw})
