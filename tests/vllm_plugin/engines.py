@@ -74,6 +74,23 @@ def hf_reference(ckpts, load_hf, load_processor, hf_greedy):
     return reference
 
 
+def hf_model(path, adsc: bool, pad_token_id: int = 0):
+    """transformers' model of the checkpoint at ``path``, fp32, in eval mode, greedy-ready as vLLM
+    runs it (no EOS: vLLM runs with ignore_eos), with ``apply_adsc`` and the schedule saved in
+    ``config.adsc_schedule`` when ``adsc``."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = pad_token_id
+    if adsc:
+        from adsc_ext import apply_adsc
+
+        apply_adsc(model)
+    return model
+
+
 def cpu_llm(path, **kw):
     """One in-process vLLM engine on the CPU backend, fp32, eager, 32 MiB of KV, 8 sequences (each
     architecture's ``make_llm`` adds its own ``max_model_len`` and ``limit_mm_per_prompt``; ``kw``

@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from engines import close_llm  # noqa: F401  (re-exported: the tests import it from here)
-from engines import cpu_llm, greedy_params
+from engines import cpu_llm, greedy_params, hf_model
 
 NUM_LAYERS = 6
 SCHEDULE = "2:4,4:4"  # 4x4 -> 2x2 -> 1x1; a 2-row high-resolution grid cannot take the second step
@@ -131,16 +131,7 @@ def load_processor(path):
 
 def load_hf(path, adsc: bool):
     """transformers' OneVision from ``path`` (with ``apply_adsc`` when ``adsc``), greedy-ready."""
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None  # vLLM runs with ignore_eos
-    model.generation_config.pad_token_id = 0
-    if adsc:
-        from adsc_ext import apply_adsc
-
-        apply_adsc(model)  # the schedule saved in config.adsc_schedule
-    return model
+    return hf_model(path, adsc)
 
 
 def special_ids(config) -> List[int]:

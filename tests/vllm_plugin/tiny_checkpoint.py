@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from engines import close_llm  # noqa: F401  (re-exported: the tests import it from here)
-from engines import cpu_llm, greedy_params
+from engines import cpu_llm, greedy_params, hf_model
 
 GRID_SIDE = 4  # 4x4 vision tokens per image
 PATCH = 4
@@ -191,16 +191,7 @@ REQUESTS = (
 
 def load_hf(path, adsc: bool):
     """transformers' LLaVA from ``path`` (with ``apply_adsc`` when ``adsc``), greedy-ready."""
-    from transformers import LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
-    model.generation_config.eos_token_id = None  # vLLM runs with ignore_eos
-    model.generation_config.pad_token_id = PAD
-    if adsc:
-        from adsc_ext import apply_adsc
-
-        apply_adsc(model)  # the schedule saved in config.adsc_schedule
-    return model
+    return hf_model(path, adsc, pad_token_id=PAD)
 
 
 def hf_greedy(model, processor, req: Request) -> List[int]:
