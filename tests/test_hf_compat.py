@@ -123,3 +123,19 @@ def test_item5_attention_weights_for_the_fastv_baseline():
     assert _compat.attn_implementation(text.config) == "sdpa"
     assert got and got[0] is not None and got[0].shape[-2:] == (3, 3), (
         f"transformers {V}: eager attention no longer returns its weights as the second output")
+
+
+def test_item7_checkpointing_switch_and_layer_flag():
+    import warnings
+
+    model = tiny_llava()
+    layers = text_model(model).layers
+    assert not any(_compat.layer_checkpointed(layer) for layer in layers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the deprecated name warns from 5.23
+        _compat.enable_checkpointing(model)
+    assert all(_compat.layer_checkpointed(layer) for layer in layers), (
+        f"transformers {V}: enable_checkpointing no longer sets the decoder layers' gradient_checkpointing flag")
+    with _compat.checkpointing_off(layers[0]):
+        assert not _compat.layer_checkpointed(layers[0])
+    assert _compat.layer_checkpointed(layers[0])

@@ -21,7 +21,9 @@ moved when a release breaks it:
    ``second_per_grid_ts`` to whole seconds (``int(...)``) before it scales by ``tokens_per_second``;
    5.18 and later (and the original Qwen2.5-VL code) keep the fraction. The spec follows the
    installed release (:func:`qwen25_whole_video_seconds`), checked against ``get_rope_index`` by
-   ``tests/test_qwen_vl.py::test_positions_equal_get_rope_index``.
+   ``tests/test_qwen_vl.py::test_positions_equal_get_rope_index``;
+7. the name of the switch that turns on activation checkpointing (public API, renamed in 5.23:
+   :func:`enable_checkpointing`), and the per-layer flag it sets (:func:`layer_checkpointed`).
 
 Everything else (the hooks, the per-stage masks adsc_ext builds itself, the output classes) goes
 through public API: ``register_forward_pre_hook`` / ``register_forward_hook``, ``DynamicCache``,
