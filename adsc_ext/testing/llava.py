@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import List, Sequence
 
 import torch
-
 from transformers import (AutoModelForImageTextToText, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration)
+
+from ._weights import ready_random_model
 
 __all__ = ["tiny_llava_config", "tiny_llava", "build_llava", "TinyProcessor", "llava15_7b_config"]
 
@@ -71,14 +72,7 @@ def tiny_llava(seed: int = 0, attn_implementation: str = "sdpa", dtype=torch.flo
     cfg = tiny_llava_config(**kw)
     torch.manual_seed(seed)
     model = build_llava(cfg, attn_implementation=attn_implementation, dtype=dtype)
-    # Random init of the tiny model is small; scale up so that logits are not all ties.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2 and "embed" not in name:
-                p.normal_(0.0, 0.1)
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
-    return model.eval()
+    return ready_random_model(model, pad_token_id=PAD).eval()
 
 
 def build_llava(config: LlavaConfig, attn_implementation: str = "sdpa", dtype=torch.float32) -> LlavaForConditionalGeneration:

@@ -22,6 +22,8 @@ from transformers import (AutoModelForImageTextToText, CLIPVisionConfig, LlamaCo
                           LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor, MistralConfig,
                           PreTrainedTokenizerFast, Qwen2Config, SiglipVisionConfig)
 
+from ._weights import ready_random_model
+
 __all__ = [
     "NEXT_PINPOINTS", "ONEVISION_PINPOINTS", "WORDS", "tiny_llava_next_config", "tiny_llava_onevision_config",
     "tiny_llava_next", "tiny_llava_onevision", "tiny_tokenizer", "tiny_processor",
@@ -91,13 +93,7 @@ def _build(config, cls, seed: int, attn_implementation: str, dtype):
     model = AutoModelForImageTextToText.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     if not isinstance(model, cls):  # pragma: no cover - a changed auto mapping
         raise TypeError(f"from_config built a {type(model).__name__} for a {type(config).__name__}")
-    with torch.no_grad():  # the default init is small: scale up so that logits are not all ties
-        for name, p in model.named_parameters():
-            if p.dim() >= 2 and "embed" not in name:
-                p.normal_(0.0, 0.1)
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
-    return model.eval()
+    return ready_random_model(model, pad_token_id=PAD).eval()
 
 
 def tiny_llava_next(seed: int = 0, attn_implementation: str = "sdpa", dtype=torch.float32,

@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._weights import ready_random_model
+
 __all__ = ["ARCHS", "tiny_qwen_config", "tiny_qwen", "qwen_inputs", "split_inputs", "qwen_requests", "qwen_tokenizer",
            "qwen_image_processor", "save_qwen_checkpoint", "qwen25_vl_7b_config", "SPECIAL_TOKENS"]
 
@@ -94,13 +96,7 @@ def tiny_qwen(arch: str = "qwen2_5_vl", seed: int = 0, attn_implementation: str 
     model = AutoModelForImageTextToText.from_config(cfg, attn_implementation=attn_implementation, dtype=dtype)
     if type(model).__name__ != ARCHS[arch][1]:  # pragma: no cover - a changed auto mapping
         raise TypeError(f"from_config built a {type(model).__name__} for a {ARCHS[arch][0]}")
-    # Random init of a tiny model is small; scale it up so that logits are not all ties.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2 and "embed_tokens" not in name:
-                p.normal_(0.0, 0.1)
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
+    ready_random_model(model, pad_token_id=PAD, skip="embed_tokens")  # (the vision patch_embed too)
     model.generation_config.bos_token_id = BOS
     return model.eval()
 
