@@ -287,6 +287,24 @@ def _words(n, seed):
     return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n))
 
 
+def spy_encoder_cuts(scheduler) -> list:
+    """Record every chunk the ADSC scheduler cuts where vLLM's own scheduler would not:
+    ``(request_id, num_computed_tokens, vLLM's new tokens, ADSC's new tokens)`` per cut (undo with
+    ``del scheduler._try_schedule_encoder_inputs``)."""
+    cuts = []
+    orig = type(scheduler)._try_schedule_encoder_inputs
+
+    def spy(self, request, num_computed, num_new, *a, **kw):
+        out = orig(self, request, num_computed, num_new, *a, **kw)
+        plain = super(type(self), self)._try_schedule_encoder_inputs(request, num_computed, num_new, *a, **kw)
+        if out[1] != plain[1]:
+            cuts.append((request.request_id, num_computed, plain[1], out[1]))
+        return out
+
+    scheduler._try_schedule_encoder_inputs = spy.__get__(scheduler)
+    return cuts
+
+
 def _random_requests(seed, count):
     rng = random.Random(seed)
     out = []
@@ -322,16 +340,6 @@ def test_chunked_prefill_keeps_images_whole(llm_chunked, hf, config):
     # stage's two layers have two block tables (each layer must write through its own)
     managers = scheduler.kv_cache_manager.coordinator.single_type_managers
     assert [m.kv_cache_spec.adsc_stage for m in managers] == [0, 0, 1, 2, 3, 3]
-    cuts = []
-    orig = type(scheduler)._try_schedule_encoder_inputs
-
-    def spy(self, request, num_computed, num_new, *a, **kw):
-        out = orig(self, request, num_computed, num_new, *a, **kw)
-        plain = super(type(self), self)._try_schedule_encoder_inputs(request, num_computed, num_new, *a, **kw)
-        if out[1] != plain[1]:
-            cuts.append((request.request_id, num_computed, plain[1], out[1]))
-        return out
-
     # First two requests that force a cut at a 72-token budget: step 1 rolls both back to their
     # image (vLLM); step 2 gives "ahead" 72 tokens from its image on; step 3 leaves "behind",
     # which starts exactly at its 8x8 image, 39 tokens: vLLM would prefill 39 of its 64 image
@@ -344,7 +352,7 @@ def test_chunked_prefill_keeps_images_whole(llm_chunked, hf, config):
     rng = random.Random(7)
     pending = list(requests)
     got = {}
-    scheduler._try_schedule_encoder_inputs = spy.__get__(scheduler)
+    cuts = spy_encoder_cuts(scheduler)
     try:
         steps = 0
         while pending or engine.has_unfinished_requests():
@@ -423,17 +431,7 @@ def test_chunked_prefill_keeps_videos_whole(ckpts, hf, config):
     try:
         llm = engine.llm_engine
         scheduler = llm.engine_core.engine_core.scheduler
-        cuts = []
-        orig = type(scheduler)._try_schedule_encoder_inputs
-
-        def spy(self, request, num_computed, num_new, *a, **kw):
-            out = orig(self, request, num_computed, num_new, *a, **kw)
-            plain = super(type(self), self)._try_schedule_encoder_inputs(request, num_computed, num_new, *a, **kw)
-            if out[1] != plain[1]:
-                cuts.append((request.request_id, num_computed, plain[1], out[1]))
-            return out
-
-        scheduler._try_schedule_encoder_inputs = spy.__get__(scheduler)
+        cuts = spy_encoder_cuts(scheduler)
         for r in requests:
             llm.add_request(r.name, r.vllm_prompt(), greedy(r.max_tokens, config))
         got = {}
