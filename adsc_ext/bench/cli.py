@@ -45,26 +45,22 @@ def _int_list(text: str) -> List[int]:
     return out
 
 
-def _batch(text: str) -> int:
+def _positive(text: str, what: str, alternative: str = "") -> int:
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a batch size (int), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a {what} (int){alternative}, got {text!r}") from None
     if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a batch size >= 1, got {v}")
+        raise argparse.ArgumentTypeError(f"expected a {what} >= 1, got {v}")
     return v
+
+
+def _batch(text: str) -> int:
+    return _positive(text, "batch size")
 
 
 def _block_size(text: str):
-    if text == "auto":
-        return text
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a block size (int) or 'auto', got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a block size >= 1, got {v}")
-    return v
+    return text if text == "auto" else _positive(text, "block size", " or 'auto'")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
