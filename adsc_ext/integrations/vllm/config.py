@@ -83,15 +83,19 @@ def llava_adsc_setup(hf_config) -> Optional[Tuple[Schedule, Tuple[int, int], int
     side = int(vision.image_size) // int(vision.patch_size)
     grid = (side, side)
     num_layers = int(hf_config.text_config.num_hidden_layers)
+    return _fitted_schedule(text, num_layers, grid, "image grid"), grid, num_layers
+
+
+def _fitted_schedule(text, num_layers: int, grid: Optional[Tuple[int, int]] = None, grid_name: str = "") -> Schedule:
+    """The config's ``adsc_schedule``, checked against the decoder layers (and ``grid``, every
+    image's grid or base crop, where the model has one); a ScheduleError names the model's facts."""
     schedule = Schedule.coerce(text)
     try:
         schedule.validate(num_layers, grid)
     except ScheduleError as exc:
-        raise ScheduleError(
-            f"adsc_schedule '{schedule}' does not fit this model ({num_layers} decoder layers, "
-            f"{side}x{side} image grid): {exc}"
-        ) from None
-    return schedule, grid, num_layers
+        facts = f"{num_layers} decoder layers" + ("" if grid is None else f", {grid[0]}x{grid[1]} {grid_name}")
+        raise ScheduleError(f"adsc_schedule '{schedule}' does not fit this model ({facts}): {exc}") from None
+    return schedule
 
 
 def qwen_adsc_setup(hf_config) -> Optional[Tuple[Schedule, int, int]]:
@@ -105,14 +109,7 @@ def qwen_adsc_setup(hf_config) -> Optional[Tuple[Schedule, int, int]]:
     text_config = getattr(hf_config, "text_config", hf_config)
     num_layers = int(text_config.num_hidden_layers)
     merge = int(getattr(hf_config.vision_config, "spatial_merge_size", 2))
-    schedule = Schedule.coerce(text)
-    try:
-        schedule.validate(num_layers)
-    except ScheduleError as exc:
-        raise ScheduleError(
-            f"adsc_schedule '{schedule}' does not fit this model ({num_layers} decoder layers): {exc}"
-        ) from None
-    return schedule, num_layers, merge
+    return _fitted_schedule(text, num_layers), num_layers, merge
 
 
 def onevision_adsc_setup(hf_config) -> Optional[Tuple[Schedule, int, int]]:
@@ -136,15 +133,7 @@ def onevision_adsc_setup(hf_config) -> Optional[Tuple[Schedule, int, int]]:
         )
     side = int(vision.image_size) // int(vision.patch_size)
     num_layers = int(hf_config.text_config.num_hidden_layers)
-    schedule = Schedule.coerce(text)
-    try:
-        schedule.validate(num_layers, (side, side))
-    except ScheduleError as exc:
-        raise ScheduleError(
-            f"adsc_schedule '{schedule}' does not fit this model ({num_layers} decoder layers, "
-            f"{side}x{side} base grid): {exc}"
-        ) from None
-    return schedule, num_layers, side
+    return _fitted_schedule(text, num_layers, (side, side), "base grid"), num_layers, side
 
 
 def adsc_setup(hf_config) -> Optional[Schedule]:
